@@ -1,0 +1,176 @@
+"""CoSteer as a Hugging Face ``transformers`` logits processor."""
+
+from __future__ import annotations
+
+import weakref
+from typing import Optional, Sequence
+
+import torch
+from transformers import LogitsProcessor
+
+from .core import CoSteerConfig, costeer_gain, force_eos, steer, update_confidence_streak
+from .small_model import PromptLike, SmallModelRunner
+
+
+class CoSteerLogitsProcessor(LogitsProcessor):
+    r"""Steers a large model's ``generate`` with a small model that holds each row's personal context.
+
+    Each step, every unfinished row's small-model branches (with / without its context) advance
+    by the token the large model just emitted, in one batched forward, and the row's scores
+    become CoSteer's log-probabilities ``log_softmax(ref + g * delta)``. Sampling warpers
+    (temperature, top-p, ...) run after this processor, as in the paper.
+
+    Args:
+        runner: the :class:`~costeer_processor.SmallModelRunner` (holds the small model; reuse it).
+        prompts: one user prompt per batch row (string or chat messages), as given to the large
+            model; the small model builds its own chat-templated input from it.
+        contexts: one personal context per batch row (non-empty strings).
+        config: :class:`~costeer_processor.CoSteerConfig` (official defaults).
+        eos_token_id: id(s) that end a row; finished rows stop costing small-model compute.
+            Defaults to the small tokenizer's EOS.
+        gate_threshold, gate_patience: AdaCoSteer confidence gating. When set, a row whose large
+            model had ``1 - max p < gate_threshold`` for ``gate_patience`` consecutive steps is
+            left unsteered for the rest of the call and its small-model rows are freed.
+        eos_guard: if set (e.g. 0.5), a row stops as soon as the large model's EOS probability
+            exceeds it, so steering cannot stretch answers.
+
+    Example::
+
+        >>> from transformers import LogitsProcessorList
+        >>> from costeer_processor import SmallModelRunner
+        >>> from costeer_processor.hf import CoSteerLogitsProcessor
+        >>> runner = SmallModelRunner(small_model, tokenizer)  # doctest: +SKIP
+        >>> prompts = ["Suggest a dinner.", "Plan my weekend."]
+        >>> proc = CoSteerLogitsProcessor(runner, prompts, ["I am vegan.", "I love hiking."])  # doctest: +SKIP
+        >>> texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+        ...          add_generation_prompt=True) for p in prompts]  # doctest: +SKIP
+        >>> inputs = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left")  # doctest: +SKIP
+        >>> out = large_model.generate(**inputs, logits_processor=LogitsProcessorList([proc]),
+        ...                            do_sample=False, max_new_tokens=64)  # doctest: +SKIP
+
+    Reuse: the processor may be passed to several ``generate`` calls with the same prompts; a
+    new call is detected from ``input_ids`` and the small-model state starts over. For other
+    prompts or contexts make a new processor (cheap: the model lives in the runner) or call
+    :meth:`reset`. Not supported (clear errors): beam search / ``num_return_sequences > 1``
+    (the batch no longer matches the contexts), assisted or speculative decoding, and
+    continuous batching (``generate_batch``).
+    """
+
+    supports_continuous_batching = False
+
+    def __init__(
+        self,
+        runner: SmallModelRunner,
+        prompts: Sequence[PromptLike],
+        contexts: Sequence[str],
+        config: CoSteerConfig = CoSteerConfig(),
+        *,
+        eos_token_id: Optional[int | Sequence[int]] = None,
+        gate_threshold: Optional[float] = None,
+        gate_patience: int = 3,
+        eos_guard: Optional[float] = None,
+    ):
+        if not isinstance(runner, SmallModelRunner):
+            raise TypeError(f"runner must be a SmallModelRunner, got {type(runner).__name__}")
+        if not isinstance(config, CoSteerConfig):
+            raise TypeError(f"config must be a CoSteerConfig, got {type(config).__name__}")
+        if gate_threshold is not None and not (0.0 < float(gate_threshold) < 1.0):
+            raise ValueError(f"gate_threshold must be in (0, 1), got {gate_threshold}")
+        if isinstance(gate_patience, bool) or not isinstance(gate_patience, int) or gate_patience < 1:
+            raise ValueError(f"gate_patience must be an integer >= 1, got {gate_patience!r}")
+        if eos_guard is not None and not (0.0 < float(eos_guard) <= 1.0):
+            raise ValueError(f"eos_guard must be in (0, 1], got {eos_guard}")
+        self.runner = runner
+        self.config = config
+        self.gain = costeer_gain(config)
+        self.gate_threshold = gate_threshold
+        self.gate_patience = gate_patience
+        self.eos_guard = eos_guard
+        if eos_token_id is None:
+            eos_token_id = runner.tokenizer.eos_token_id
+        self.eos_token_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+        self._keys: list[tuple[int, int]] = []
+        self.reset(prompts, contexts)
+        weakref.finalize(self, _forget, runner, self._keys)
+
+    def reset(self, prompts: Sequence[PromptLike], contexts: Sequence[str]) -> None:
+        """Sets new prompts and contexts (one per row) and drops any small-model state."""
+        if isinstance(contexts, str) or isinstance(prompts, str):
+            raise TypeError("prompts and contexts must be lists (one entry per batch row), not a single string")
+        if len(prompts) != len(contexts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(contexts)} contexts; give one context per prompt")
+        if not contexts:
+            raise ValueError("no rows: give at least one prompt and one context")
+        for i, c in enumerate(contexts):
+            if not isinstance(c, str):
+                raise TypeError(f"context {i} must be a string, got {type(c).__name__}")
+        # Encoding validates every context (empty, too long) before any state changes.
+        self._branches = [self.runner.encode_branches(p, c) for p, c in zip(prompts, contexts)]
+        _forget(self.runner, self._keys)
+        self._keys[:] = [(id(self), i) for i in range(len(contexts))]
+        self._prompt_ids: Optional[torch.Tensor] = None
+        self._last_length = -1
+
+    def _start(self, input_ids: torch.Tensor) -> None:
+        _forget(self.runner, self._keys)
+        for key, (with_ids, without_ids) in zip(self._keys, self._branches):
+            self.runner.add(key, with_ids, without_ids)
+        self._prompt_ids = input_ids.clone()
+        self._active = torch.ones(input_ids.shape[0], dtype=torch.bool)
+        self._streak = torch.zeros(input_ids.shape[0], dtype=torch.long)
+
+    def _is_new_call(self, input_ids: torch.Tensor) -> bool:
+        p = self._prompt_ids
+        return (p is None or input_ids.shape[1] <= p.shape[1]
+                or not torch.equal(input_ids[:, : p.shape[1]], p.to(input_ids.device)))
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        batch = input_ids.shape[0]
+        if batch != len(self._keys):
+            raise ValueError(
+                f"CoSteerLogitsProcessor got {batch} rows but has {len(self._keys)} contexts. Beam search, "
+                "num_return_sequences > 1 and a batch that does not match the contexts are not supported; "
+                "use greedy or sampling with one context per prompt")
+        if self._is_new_call(input_ids):
+            self._start(input_ids)
+        elif input_ids.shape[1] != self._last_length + 1:
+            raise RuntimeError(
+                "CoSteerLogitsProcessor must see every decoding step exactly once (input grew from "
+                f"{self._last_length} to {input_ids.shape[1]} tokens); assisted/speculative decoding is not supported")
+        self._last_length = input_ids.shape[1]
+        generated = input_ids[:, self._prompt_ids.shape[1]:]
+
+        if generated.shape[1] and self.eos_token_ids:
+            just_ended = torch.isin(generated[:, -1].cpu(), torch.tensor(self.eos_token_ids))
+            self._switch_off(just_ended)
+        if self.gate_threshold is not None:
+            self._streak = update_confidence_streak(self._streak, scores.cpu(), self.gate_threshold)
+            self._switch_off(self._streak >= self.gate_patience)
+
+        rows = self._active.nonzero().flatten().tolist()
+        if not rows:
+            return scores
+        gen = generated.tolist()
+        z_with, z_without = self.runner.step([(self._keys[r], gen[r]) for r in rows])
+        dev = scores.device
+        index = torch.tensor(rows, device=dev)
+        large = scores.index_select(0, index)
+        steered = steer(large, z_with.to(dev), z_without.to(dev), self.gain)
+        if self.eos_guard is not None:
+            steered = force_eos(steered, large, self.eos_token_ids, self.eos_guard)
+        out = scores.clone()
+        out[index] = steered.to(scores.dtype)
+        return out
+
+    def _switch_off(self, rows: torch.Tensor) -> None:
+        """Stops steering these rows for the rest of the call and frees their small-model rows."""
+        newly = rows & self._active
+        for r in newly.nonzero().flatten().tolist():
+            self.runner.remove(self._keys[r])
+        self._active &= ~rows
+
+
+def _forget(runner: SmallModelRunner, keys: list) -> None:
+    for key in keys:
+        runner.remove(key)

@@ -1,0 +1,354 @@
+"""The small model that holds the personal contexts: two branches per request, one forward per step.
+
+:class:`SmallModelRunner` keeps, for every live request, two sequences in ONE batched
+KV cache: the small model's prompt *with* the personal context and the same prompt
+*without* it. Each step it advances every row by the token the large model really
+emitted and returns both branches' next-token logits. Requests join, leave and are
+re-synchronised at any step (continuous batching), keyed by any hashable id.
+
+Layout: cache row ``2*i`` is request ``i`` with context, ``2*i + 1`` without. All rows
+share one sequence axis, left-padded with masked holes, so a decode step is a single
+``[2n, 1]`` forward with an attention mask and explicit positions. New requests are
+prefilled together in one forward and then merged into the running cache.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Hashable, Iterable, Optional, Sequence, Union
+
+import torch
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+_SENTINEL = "\u2063COSTEER_USER_TURN\u2063"
+
+Messages = list[dict]
+PromptLike = Union[str, Messages]
+
+
+class ContextTooLongError(ValueError):
+    """A personal context (or prompt) does not fit the small model's window."""
+
+
+@dataclass
+class _Request:
+    ids_with: list[int]
+    ids_without: list[int]
+    fed: list[int] = field(default_factory=list)  # generated ids already in the cache
+
+
+class ContextSplicer:
+    """Puts a personal context into the last user turn of a chat-templated prompt.
+
+    The same function builds the small model's with-context input in every adapter, so the
+    Hugging Face path (which starts from messages) and the vLLM path (which starts from the
+    large model's prompt ids) feed the small model identical tokens.
+
+    ``position="before"`` gives ``{context}{separator}{user text}`` (LongLaMP style);
+    ``"after"`` gives ``{user text}{separator}{context}`` (the paper's preference prompts,
+    ``"\\nYour answer should be as concise as possible"``). A prompt without a recognisable
+    user turn (raw text) gets the context at its very start / end.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, position: str = "before", separator: str = "\n\n",
+                 system_prompt: Optional[str] = DEFAULT_SYSTEM_PROMPT):
+        if position not in ("before", "after"):
+            raise ValueError(f"context position must be 'before' or 'after', got {position!r}")
+        self.position = position
+        self.separator = separator
+        self.system_prompt = system_prompt
+        self.tokenizer = tokenizer
+        self.user_header, self.user_footer = self._probe_user_turn()
+
+    def _probe_user_turn(self) -> tuple[Optional[str], Optional[str]]:
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            return None, None
+        try:
+            text = self.render([{"role": "user", "content": _SENTINEL}])
+        except Exception:  # a template that cannot render a plain user turn
+            return None, None
+        if _SENTINEL not in text:
+            return None, None
+        before, after = text.split(_SENTINEL, 1)
+        # The header is what the template writes right before user content: take the text after
+        # the last special/role marker line ("<|im_start|>user\n" for ChatML).
+        system_only = self._render_system_only()
+        if system_only is not None and before.startswith(system_only):
+            header = before[len(system_only):]
+        else:
+            header = before
+        return header, after
+
+    def _render_system_only(self) -> Optional[str]:
+        if self.system_prompt is None:
+            return None
+        try:
+            return self.tokenizer.apply_chat_template(
+                [{"role": "system", "content": self.system_prompt}], tokenize=False, add_generation_prompt=False)
+        except Exception:
+            return None
+
+    def render(self, prompt: PromptLike) -> str:
+        """Apply the chat template (with the system prompt) to a user string or a message list."""
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        if self.system_prompt is not None and not any(m.get("role") == "system" for m in messages):
+            messages = [{"role": "system", "content": self.system_prompt}] + messages
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            return "\n".join(m["content"] for m in messages)
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def splice(self, prompt_text: str, context: str) -> str:
+        """``prompt_text`` (already templated) with ``context`` inside its last user turn."""
+        if self.position == "before":
+            if self.user_header and self.user_header in prompt_text:
+                i = prompt_text.rindex(self.user_header) + len(self.user_header)
+            else:
+                i = 0
+            return prompt_text[:i] + context + self.separator + prompt_text[i:]
+        if self.user_footer and prompt_text.endswith(self.user_footer):
+            i = len(prompt_text) - len(self.user_footer)
+        else:
+            i = len(prompt_text)
+        return prompt_text[:i] + self.separator + context + prompt_text[i:]
+
+
+class SmallModelRunner:
+    """Runs both CoSteer branches of many requests through one small causal LM.
+
+    Args:
+        model: a transformers causal LM (``AutoModelForCausalLM``), put in eval mode.
+        tokenizer: its tokenizer (with a chat template for chat prompts).
+        context_position / context_separator / system_prompt: see :class:`ContextSplicer`.
+        max_context_tokens: longest with-context prompt accepted (defaults to the model's
+            window minus ``reserve_tokens``).
+        reserve_tokens: room kept for generated tokens when checking prompt lengths.
+
+    Example::
+
+        >>> runner = SmallModelRunner(small_model, small_tokenizer)  # doctest: +SKIP
+        >>> with_ids, without_ids = runner.encode_branches("Suggest a dinner.", context="I am vegan.")  # doctest: +SKIP
+        >>> runner.add("req-0", with_ids, without_ids)  # doctest: +SKIP
+        >>> z_with, z_without = runner.step([("req-0", [])])  # logits after the prompt  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        context_position: str = "before",
+        context_separator: str = "\n\n",
+        system_prompt: Optional[str] = DEFAULT_SYSTEM_PROMPT,
+        max_context_tokens: Optional[int] = None,
+        reserve_tokens: int = 0,
+    ):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.splicer = ContextSplicer(tokenizer, context_position, context_separator, system_prompt)
+        window = getattr(model.config, "max_position_embeddings", None) or 1 << 30
+        self.window = int(window)
+        self.max_context_tokens = int(max_context_tokens) if max_context_tokens else self.window - reserve_tokens
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        self._requests: dict[Hashable, _Request] = {}
+        self._rows: list[Hashable] = []  # keys in cache order
+        self._cache: Optional[DynamicCache] = None
+        self._mask: Optional[torch.Tensor] = None  # [2n, L] 1 = real token
+        self._lengths: Optional[torch.Tensor] = None  # [2n] real tokens so far (next position id)
+        self._last: Optional[torch.Tensor] = None  # [2n, V] logits after the last fed token
+        self.forward_count = 0  # batched forwards run (for benchmarks and tests)
+
+    # ------------------------------------------------------------------ inputs
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def encode_text(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def branch_ids_from_text(self, prompt_text: str, context: str) -> tuple[list[int], list[int]]:
+        """Token ids of both branches for an already-templated prompt text."""
+        if not isinstance(context, str):
+            raise TypeError(f"context must be a string, got {type(context).__name__}")
+        if not context.strip():
+            raise ValueError("context is empty; pass a non-empty personal context (or do not steer this request)")
+        with_ids = self.encode_text(self.splicer.splice(prompt_text, context))
+        without_ids = self.encode_text(prompt_text)
+        if len(with_ids) > self.max_context_tokens:
+            raise ContextTooLongError(
+                f"context + prompt is {len(with_ids)} small-model tokens, over the limit of "
+                f"{self.max_context_tokens}; shorten the context")
+        return with_ids, without_ids
+
+    def encode_branches(self, prompt: PromptLike, context: str) -> tuple[list[int], list[int]]:
+        """Token ids of both branches for a user prompt (string or chat messages)."""
+        return self.branch_ids_from_text(self.splicer.render(prompt), context)
+
+    # ------------------------------------------------------------------ bookkeeping
+    def add(self, key: Hashable, ids_with: Sequence[int], ids_without: Sequence[int]) -> None:
+        """Registers a request; its prompt is prefilled at its first :meth:`step`."""
+        if key in self._requests:
+            self.remove(key)
+        if not ids_with or not ids_without:
+            raise ValueError("both branch prompts need at least one token")
+        self._requests[key] = _Request(list(ids_with), list(ids_without))
+
+    def remove(self, key: Hashable) -> None:
+        """Forgets a request and frees its cache rows (no-op for unknown keys)."""
+        self._requests.pop(key, None)
+        if key in self._rows:
+            self._drop_rows([key])
+
+    def clear(self) -> None:
+        self._requests.clear()
+        self._rows, self._cache, self._mask, self._lengths, self._last = [], None, None, None, None
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._requests
+
+    def __len__(self) -> int:
+        return len(self._requests)
+
+    @property
+    def cached_rows(self) -> int:
+        """Requests whose branches currently sit in the KV cache."""
+        return len(self._rows)
+
+    @property
+    def cache_length(self) -> int:
+        return 0 if self._mask is None else int(self._mask.shape[1])
+
+    # ------------------------------------------------------------------ the step
+    @torch.inference_mode()
+    def step(self, batch: Sequence[tuple[Hashable, Sequence[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next-token logits of both branches for each ``(key, generated_ids)``.
+
+        ``generated_ids`` is the request's full output so far (the large model's real tokens);
+        the runner feeds whatever it has not seen yet. A request whose history disagrees with
+        what was fed (preemption, a new generate call) is re-prefilled from its prompt.
+
+        Returns ``(with_context, without_context)``, each ``[len(batch), V_small]`` in the
+        small model's dtype.
+        """
+        if not batch:
+            empty = torch.empty(0, self.vocab_size, device=self.device)
+            return empty, empty
+        decode: dict[Hashable, int] = {}
+        fresh: list[Hashable] = []
+        generated: dict[Hashable, list[int]] = {}
+        for key, ids in batch:
+            req = self._requests.get(key)
+            if req is None:
+                raise KeyError(f"request {key!r} was never added to the small-model runner")
+            ids = list(ids)
+            generated[key] = ids
+            n = len(req.fed)
+            if key in self._rows and len(ids) == n + 1 and ids[:n] == req.fed:
+                decode[key] = ids[-1]
+            elif key in self._rows and ids == req.fed:
+                continue  # nothing new: the last logits are still right
+            else:
+                fresh.append(key)
+        stale = [k for k in fresh if k in self._rows]
+        if stale:
+            self._drop_rows(stale)
+        if decode:
+            self._decode(decode)
+            for key, tok in decode.items():
+                self._requests[key].fed.append(tok)
+        if fresh:
+            self._prefill(fresh, generated)
+        index = {k: i for i, k in enumerate(self._rows)}
+        rows = torch.tensor([index[k] for k, _ in batch], device=self.device)
+        return self._last[2 * rows], self._last[2 * rows + 1]
+
+    def _forward(self, input_ids, attention_mask, position_ids, cache, logits_to_keep=1):
+        self.forward_count += 1
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=cache, use_cache=True, logits_to_keep=logits_to_keep)
+        return out.logits[:, -1, :], out.past_key_values
+
+    def _decode(self, tokens: dict[Hashable, int]) -> None:
+        """One ``[2n, 1]`` forward over the whole cache; rows not advanced get a masked hole."""
+        n = len(self._rows)
+        dev = self.device
+        step_ids = torch.full((2 * n,), self.pad_id, dtype=torch.long, device=dev)
+        step_mask = torch.zeros(2 * n, dtype=self._mask.dtype, device=dev)
+        if len(tokens) == n:
+            step_ids = torch.tensor([tokens[k] for k in self._rows], device=dev).repeat_interleave(2)
+            step_mask.fill_(1)
+        else:
+            for i, key in enumerate(self._rows):
+                if key in tokens:
+                    step_ids[2 * i: 2 * i + 2] = tokens[key]
+                    step_mask[2 * i: 2 * i + 2] = 1
+        mask = torch.cat([self._mask, step_mask[:, None]], dim=1)
+        logits, self._cache = self._forward(step_ids[:, None], mask, self._lengths[:, None], self._cache)
+        self._mask = mask
+        advanced = step_mask.bool()
+        self._lengths = self._lengths + step_mask.to(self._lengths.dtype)
+        self._last = torch.where(advanced[:, None], logits.to(self._last.dtype), self._last)
+
+    def _prefill(self, keys: list[Hashable], generated: dict[Hashable, list[int]]) -> None:
+        """Prefills new requests together (left-padded) and merges them into the running cache."""
+        seqs = []
+        for key in keys:
+            req = self._requests[key]
+            req.fed = list(generated[key])
+            seqs += [req.ids_with + req.fed, req.ids_without + req.fed]
+        width = max(len(s) for s in seqs)
+        dev = self.device
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long, device=dev)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long, device=dev)
+        for r, s in enumerate(seqs):
+            ids[r, width - len(s):] = torch.tensor(s, device=dev)
+            mask[r, width - len(s):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits, cache = self._forward(ids, mask, positions, DynamicCache(config=self.model.config))
+        self._merge(keys, cache, mask, mask.sum(-1), logits)
+
+    def _merge(self, keys, cache: DynamicCache, mask, lengths, logits) -> None:
+        if self._cache is None or not self._rows:
+            self._rows, self._cache, self._mask, self._lengths, self._last = list(keys), cache, mask, lengths, logits
+            return
+        old_len, new_len = self._mask.shape[1], mask.shape[1]
+        width = max(old_len, new_len)
+
+        def left_pad(t: torch.Tensor, dim: int, to: int) -> torch.Tensor:
+            missing = to - t.shape[dim]
+            if missing == 0:
+                return t
+            shape = list(t.shape)
+            shape[dim] = missing
+            return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+        for old_layer, new_layer in zip(self._cache.layers, cache.layers):
+            old_layer.keys = torch.cat([left_pad(old_layer.keys, 2, width), left_pad(new_layer.keys, 2, width)])
+            old_layer.values = torch.cat([left_pad(old_layer.values, 2, width), left_pad(new_layer.values, 2, width)])
+        self._mask = torch.cat([left_pad(self._mask, 1, width), left_pad(mask, 1, width)])
+        self._lengths = torch.cat([self._lengths, lengths])
+        self._last = torch.cat([self._last, logits.to(self._last.dtype)])
+        self._rows += list(keys)
+
+    def _drop_rows(self, keys: Iterable[Hashable]) -> None:
+        drop = set(keys)
+        keep = [i for i, k in enumerate(self._rows) if k not in drop]
+        self._rows = [self._rows[i] for i in keep]
+        if not keep:
+            self._cache, self._mask, self._lengths, self._last = None, None, None, None
+            return
+        idx = torch.tensor([2 * i + b for i in keep for b in (0, 1)], device=self.device)
+        # Trim leading columns that no remaining row uses, so the cache does not only grow.
+        mask = self._mask.index_select(0, idx)
+        used = mask.any(dim=0).nonzero()
+        start = int(used[0]) if used.numel() else mask.shape[1]
+        for layer in self._cache.layers:
+            layer.keys = layer.keys.index_select(0, idx)[:, :, start:]
+            layer.values = layer.values.index_select(0, idx)[:, :, start:]
+        self._mask = mask[:, start:]
+        self._lengths = self._lengths.index_select(0, idx)
+        self._last = self._last.index_select(0, idx)

@@ -1,0 +1,112 @@
+"""Tiny models built on the spot (random weights, a tokenizer trained here) for tests and quick runs.
+
+Nothing here touches a model hub: the tokenizer is a byte-level BPE trained on a built-in
+corpus with the ChatML template the Qwen models use, and the models are config-initialised
+Qwen2 / Llama causal LMs of a few hundred kilobytes. Two sizes share one tokenizer, which is
+what CoSteer's default (same-tokenizer) path needs; :func:`build_tiny_tokenizer` with another
+``vocab_size`` or corpus gives a *different* tokenizer for the mapped path.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+CORPUS = """
+You are a helpful assistant. Suggest a dinner recipe for tonight. I am vegan and I love spicy food.
+Write a short story about a dragon who learns to paint. Explain how rainbows form in the sky.
+My favourite hobbies are hiking, chess and baking sourdough bread on weekends.
+Give me three tips for learning a new programming language quickly and well.
+The quick brown fox jumps over the lazy dog while the cat sleeps in the sun.
+Please answer as concisely as possible. Your answer should be as creative as possible.
+I prefer answers that are uplifting, warm and encouraging. Tell me about the history of tea.
+A personal context describes the user: their preferences, history and style of writing.
+Abstract: We study decoding-time personalization with a small local model steering a large one.
+Title: Collaborative decoding. Review: The product works well and I would buy it again.
+The weather today is sunny with a gentle breeze, perfect for a walk in the park by the river.
+Numbers one two three four five six seven eight nine ten hundred thousand million.
+""".strip()
+
+
+def build_tiny_tokenizer(vocab_size: int = 512, corpus: str = CORPUS, lowercase: bool = False):
+    """A byte-level BPE tokenizer trained now, with ChatML special tokens and template."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    if lowercase:
+        tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([corpus] * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   bos_token=None, unk_token=None)
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+def build_tiny_model(tokenizer, *, hidden_size: int = 64, layers: int = 2, heads: int = 2, kv_heads: int = 1,
+                     arch: str = "qwen2", vocab_size: Optional[int] = None, seed: int = 0,
+                     max_position_embeddings: int = 512, dtype: torch.dtype = torch.float32):
+    """A config-initialised causal LM with random weights over ``tokenizer``'s ids.
+
+    ``vocab_size`` may exceed the tokenizer's size (padded logit rows, as in Qwen2.5-7B).
+    """
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    cls = {"qwen2": Qwen2Config, "llama": LlamaConfig}[arch]
+    config = cls(
+        vocab_size=vocab_size or len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=hidden_size // heads,
+        max_position_embeddings=max_position_embeddings,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+        torch_dtype="float32",
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    # Random init gives near-uniform logits; sharpen them so greedy choices are decisive and
+    # the small model's context actually moves its distribution.
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(8.0)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model.eval()
+
+
+def save_tiny_pair(root: os.PathLike, *, large_hidden: int = 128, small_hidden: int = 64) -> tuple[Path, Path]:
+    """Writes a large and a small tiny model sharing one tokenizer as transformers folders.
+
+    Returns ``(large_dir, small_dir)``; both load with ``from_pretrained`` and with vLLM.
+    """
+    root = Path(root)
+    tokenizer = build_tiny_tokenizer()
+    dirs = []
+    for name, hidden, seed in (("large", large_hidden, 1), ("small", small_hidden, 2)):
+        path = root / name
+        if not (path / "config.json").exists():
+            model = build_tiny_model(tokenizer, hidden_size=hidden, heads=2, kv_heads=1, seed=seed)
+            model.save_pretrained(path)
+            tokenizer.save_pretrained(path)
+        dirs.append(path)
+    return dirs[0], dirs[1]
