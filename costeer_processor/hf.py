@@ -136,7 +136,7 @@ class CoSteerLogitsProcessor(LogitsProcessor):
             self._start(input_ids)
         elif input_ids.shape[1] != self._last_length + 1:
             raise RuntimeError(
-                "CoSteerLogitsProcessor must see every decoding step exactly once (input grew from "
+                "CoSteerLogitsProcessor must see every decoding step exactly once (input went from "
                 f"{self._last_length} to {input_ids.shape[1]} tokens); assisted/speculative decoding is not supported")
         self._last_length = input_ids.shape[1]
         generated = input_ids[:, self._prompt_ids.shape[1]:]
