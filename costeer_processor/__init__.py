@@ -11,6 +11,7 @@ The update lives in :mod:`costeer_processor.core`; adapters: :mod:`costeer_proce
 
 from .core import CoSteerConfig, costeer_gain, ftrl_reference, steer
 from .small_model import ContextSplicer, ContextTooLongError, SmallModelRunner
+from .vocab import VocabularyMap
 
 __version__ = "0.1.0"
 
@@ -22,4 +23,5 @@ __all__ = [
     "SmallModelRunner",
     "ContextSplicer",
     "ContextTooLongError",
+    "VocabularyMap",
 ]

@@ -10,6 +10,7 @@ from transformers import LogitsProcessor
 
 from .core import CoSteerConfig, costeer_gain, force_eos, steer, update_confidence_streak
 from .small_model import PromptLike, SmallModelRunner
+from .vocab import VocabularyMap
 
 
 class CoSteerLogitsProcessor(LogitsProcessor):
@@ -33,6 +34,9 @@ class CoSteerLogitsProcessor(LogitsProcessor):
             left unsteered for the rest of the call and its small-model rows are freed.
         eos_guard: if set (e.g. 0.5), a row stops as soon as the large model's EOS probability
             exceeds it, so steering cannot stretch answers.
+        vocab_map: a :class:`~costeer_processor.vocab.VocabularyMap` when the large and small
+            tokenizers differ: steering runs on their common tokens and generated ids are mapped
+            to the small vocabulary. ``None`` (default) requires one shared tokenizer.
 
     Example::
 
@@ -69,6 +73,7 @@ class CoSteerLogitsProcessor(LogitsProcessor):
         gate_threshold: Optional[float] = None,
         gate_patience: int = 3,
         eos_guard: Optional[float] = None,
+        vocab_map: Optional[VocabularyMap] = None,
     ):
         if not isinstance(runner, SmallModelRunner):
             raise TypeError(f"runner must be a SmallModelRunner, got {type(runner).__name__}")
@@ -86,8 +91,11 @@ class CoSteerLogitsProcessor(LogitsProcessor):
         self.gate_threshold = gate_threshold
         self.gate_patience = gate_patience
         self.eos_guard = eos_guard
+        if vocab_map is not None and not isinstance(vocab_map, VocabularyMap):
+            raise TypeError(f"vocab_map must be a VocabularyMap, got {type(vocab_map).__name__}")
+        self.vocab_map = vocab_map
         if eos_token_id is None:
-            eos_token_id = runner.tokenizer.eos_token_id
+            eos_token_id = vocab_map.large_eos_token_id if vocab_map else runner.tokenizer.eos_token_id
         self.eos_token_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
         self._keys: list[tuple[int, int]] = []
         self.reset(prompts, contexts)
@@ -152,11 +160,14 @@ class CoSteerLogitsProcessor(LogitsProcessor):
         if not rows:
             return scores
         gen = generated.tolist()
-        z_with, z_without = self.runner.step([(self._keys[r], gen[r]) for r in rows])
+        vmap = self.vocab_map
+        z_with, z_without = self.runner.step(
+            [(self._keys[r], vmap.to_small(gen[r]) if vmap else gen[r]) for r in rows])
         dev = scores.device
         index = torch.tensor(rows, device=dev)
         large = scores.index_select(0, index)
-        steered = steer(large, z_with.to(dev), z_without.to(dev), self.gain)
+        steer_fn = vmap.steer if vmap else steer
+        steered = steer_fn(large, z_with.to(dev), z_without.to(dev), self.gain)
         if self.eos_guard is not None:
             steered = force_eos(steered, large, self.eos_token_ids, self.eos_guard)
         out = scores.clone()
