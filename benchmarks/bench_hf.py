@@ -188,6 +188,27 @@ def main():
                 torch=torch.__version__, command=" ".join(sys.argv))
     (out / f"bench_hf_{tag}.json").write_text(json.dumps(dict(meta=meta, results=results), indent=2))
     (out / f"bench_hf_{tag}.md").write_text(md + "\n")
+    plot(results, out / f"bench_hf_{tag}.png", f"{args.large} + {args.small}")
+
+
+def plot(results, path, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    b = [r["batch"] for r in results]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(b, [r["plain_tok_s"] for r in results], "o-", label="large alone")
+    ax.plot(b, [r["steered_tok_s"] for r in results], "s-", label="CoSteer (this package)")
+    if all("loop_tok_s" in r for r in results):
+        ax.plot(b, [r["loop_tok_s"] for r in results], "^--", label="per-row research loop")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("generated tokens / s")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":
