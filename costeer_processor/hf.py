@@ -52,6 +52,10 @@ class CoSteerLogitsProcessor(LogitsProcessor):
         >>> out = large_model.generate(**inputs, logits_processor=LogitsProcessorList([proc]),
         ...                            do_sample=False, max_new_tokens=64)  # doctest: +SKIP
 
+    After a call, ``live_steps`` / ``steered_steps`` hold, per row, the steps the row was still
+    generating and the steps it was steered (they differ under gating); :meth:`release` frees the
+    small-model rows at once.
+
     Reuse: the processor may be passed to several ``generate`` calls with the same prompts; a
     new call is detected from ``input_ids`` and the small-model state starts over. For other
     prompts or contexts make a new processor (cheap: the model lives in the runner) or call
@@ -124,8 +128,12 @@ class CoSteerLogitsProcessor(LogitsProcessor):
         for key, (with_ids, without_ids) in zip(self._keys, self._branches):
             self.runner.add(key, with_ids, without_ids)
         self._prompt_ids = input_ids.clone()
-        self._active = torch.ones(input_ids.shape[0], dtype=torch.bool)
-        self._streak = torch.zeros(input_ids.shape[0], dtype=torch.long)
+        rows = input_ids.shape[0]
+        self._active = torch.ones(rows, dtype=torch.bool)
+        self._finished = torch.zeros(rows, dtype=torch.bool)
+        self._streak = torch.zeros(rows, dtype=torch.long)
+        self.live_steps = torch.zeros(rows, dtype=torch.long)
+        self.steered_steps = torch.zeros(rows, dtype=torch.long)
 
     def _is_new_call(self, input_ids: torch.Tensor) -> bool:
         p = self._prompt_ids
@@ -150,11 +158,13 @@ class CoSteerLogitsProcessor(LogitsProcessor):
         generated = input_ids[:, self._prompt_ids.shape[1]:]
 
         if generated.shape[1] and self.eos_token_ids:
-            just_ended = torch.isin(generated[:, -1].cpu(), torch.tensor(self.eos_token_ids))
-            self._switch_off(just_ended)
+            self._finished |= torch.isin(generated[:, -1].cpu(), torch.tensor(self.eos_token_ids))
+            self._switch_off(self._finished)
         if self.gate_threshold is not None:
             self._streak = update_confidence_streak(self._streak, scores.cpu(), self.gate_threshold)
             self._switch_off(self._streak >= self.gate_patience)
+        self.live_steps += (~self._finished).long()
+        self.steered_steps += self._active.long()
 
         rows = self._active.nonzero().flatten().tolist()
         if not rows:
@@ -173,6 +183,11 @@ class CoSteerLogitsProcessor(LogitsProcessor):
         out = scores.clone()
         out[index] = steered.to(scores.dtype)
         return out
+
+    def release(self) -> None:
+        """Frees this processor's small-model rows now (otherwise at garbage collection)."""
+        _forget(self.runner, self._keys)
+        self._prompt_ids = None
 
     def _switch_off(self, rows: torch.Tensor) -> None:
         """Stops steering these rows for the rest of the call and frees their small-model rows."""

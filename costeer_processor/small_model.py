@@ -294,12 +294,33 @@ class SmallModelRunner:
         self._last = torch.where(advanced[:, None], logits.to(self._last.dtype), self._last)
 
     def _prefill(self, keys: list[Hashable], generated: dict[Hashable, list[int]]) -> None:
-        """Prefills new requests together (left-padded) and merges them into the running cache."""
-        seqs = []
+        """Prefills new requests (left-padded) and merges them into the running cache.
+
+        The with-context branch is usually much longer (it holds the context), so the two
+        branches are prefilled as two forwards, each padded only to its own longest row,
+        and interleaved afterwards.
+        """
+        branches = []
         for key in keys:
             req = self._requests[key]
             req.fed = list(generated[key])
-            seqs += [req.ids_with + req.fed, req.ids_without + req.fed]
+            branches.append((req.ids_with + req.fed, req.ids_without + req.fed))
+        parts = [self._prefill_rows([b[j] for b in branches]) for j in (0, 1)]
+        width = max(p[1].shape[1] for p in parts)
+
+        def interleave(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
+            a, b = _left_pad(a, dim, width), _left_pad(b, dim, width)
+            return torch.stack([a, b], dim=1).flatten(0, 1)
+
+        (cache_w, mask_w, logits_w), (cache_wo, mask_wo, logits_wo) = parts
+        for lw, lwo in zip(cache_w.layers, cache_wo.layers):
+            lw.keys = interleave(lw.keys, lwo.keys, 2)
+            lw.values = interleave(lw.values, lwo.values, 2)
+        mask = interleave(mask_w, mask_wo, 1)
+        logits = torch.stack([logits_w, logits_wo], dim=1).flatten(0, 1)
+        self._merge(keys, cache_w, mask, mask.sum(-1), logits)
+
+    def _prefill_rows(self, seqs: list[list[int]]):
         width = max(len(s) for s in seqs)
         dev = self.device
         ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long, device=dev)
@@ -309,23 +330,14 @@ class SmallModelRunner:
             mask[r, width - len(s):] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         logits, cache = self._forward(ids, mask, positions, DynamicCache(config=self.model.config))
-        self._merge(keys, cache, mask, mask.sum(-1), logits)
+        return cache, mask, logits
 
     def _merge(self, keys, cache: DynamicCache, mask, lengths, logits) -> None:
         if self._cache is None or not self._rows:
             self._rows, self._cache, self._mask, self._lengths, self._last = list(keys), cache, mask, lengths, logits
             return
-        old_len, new_len = self._mask.shape[1], mask.shape[1]
-        width = max(old_len, new_len)
-
-        def left_pad(t: torch.Tensor, dim: int, to: int) -> torch.Tensor:
-            missing = to - t.shape[dim]
-            if missing == 0:
-                return t
-            shape = list(t.shape)
-            shape[dim] = missing
-            return torch.cat([t.new_zeros(shape), t], dim=dim)
-
+        width = max(self._mask.shape[1], mask.shape[1])
+        left_pad = _left_pad
         for old_layer, new_layer in zip(self._cache.layers, cache.layers):
             old_layer.keys = torch.cat([left_pad(old_layer.keys, 2, width), left_pad(new_layer.keys, 2, width)])
             old_layer.values = torch.cat([left_pad(old_layer.values, 2, width), left_pad(new_layer.values, 2, width)])
@@ -352,3 +364,13 @@ class SmallModelRunner:
         self._mask = mask[:, start:]
         self._lengths = self._lengths.index_select(0, idx)
         self._last = self._last.index_select(0, idx)
+
+
+def _left_pad(t: torch.Tensor, dim: int, to: int) -> torch.Tensor:
+    """Zero-pads ``t`` on the left of ``dim`` up to length ``to`` (masked holes in the cache)."""
+    missing = to - t.shape[dim]
+    if missing <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)

@@ -113,7 +113,7 @@ def test_gating_switches_rows_off_and_frees_the_small_model(large_model, tokeniz
     assert runner.cached_rows == 0 and runner.forward_count == 0
     proc = CoSteerLogitsProcessor(runner, prompts, contexts, gate_threshold=0.999, gate_patience=3)
     generate(large_model, tokenizer, prompts, proc)
-    assert runner.cached_rows == 0 and runner.forward_count == 2  # prefill + one decode step, then off
+    assert runner.cached_rows == 0 and runner.forward_count == 3  # prefill (2 forwards) + one decode step, then off
 
 
 def test_eos_guard_stops_where_the_large_model_would(large_model, tokenizer, runner, prompts, contexts):

@@ -43,9 +43,9 @@ def test_one_forward_per_step_and_resync(small_model, tokenizer):
     for k in range(4):
         runner.add(k, *runner.encode_branches(f"Prompt number {k}", f"context {k}"))
     runner.step([(k, []) for k in range(4)])
-    assert runner.forward_count == 1  # all 8 branch rows prefilled together
+    assert runner.forward_count == 2  # all 4 with-context rows together, then all 4 without
     runner.step([(k, [7]) for k in range(4)])
-    assert runner.forward_count == 2  # and decoded together
+    assert runner.forward_count == 3  # and all 8 decoded together
     # a request whose history changed (preempted and resumed differently) is re-prefilled
     z_with, _ = runner.step([(0, [9, 9]), (1, [7, 8]), (2, [7, 8]), (3, [7, 8])])
     w, _ = runner.encode_branches("Prompt number 0", "context 0")

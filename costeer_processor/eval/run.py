@@ -1,0 +1,671 @@
+"""The evaluation command: tasks x systems -> JSONL generations -> metrics, tables, plots.
+
+Run ``python benchmarks/eval.py --help`` (or ``python -m costeer_processor.eval``). Every
+generation is appended to ``<out>/eval_<name>_generations/<task>__<system>.jsonl`` as soon as
+its batch finishes; running the same command again skips ids already there (resume), then
+recomputes every metric from the files and rewrites ``eval_<name>.json``, ``eval_<name>.md``
+and the plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .metrics import (distinct_n, install_wordnet_from_deb, meteor, meteor_available, rouge_scores, sentiment,
+                      summary_stats, word_count)
+from .systems import BASE_SYSTEMS, DEFAULT_GAIN, System, make_systems, sweep_system
+from .tasks import PREFERENCE_TARGETS, Task, longlamp_task, preference_tasks, sotu_task
+
+SCHEMA = "costeer_eval/1"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_PROMPTS = REPO_ROOT.parent / "shared" / "data" / "preference_prompts.jsonl"
+DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results"
+DEFAULT_SWEEP = "0,0.5,1,default,3"
+# Settings that change generations: a resumed run must use the same ones.
+_GEN_KEYS = ("large", "small", "dtype", "max_new_tokens", "eos_guard", "gate_threshold", "gate_patience", "seed",
+             "sotu_record_words", "sotu_ref_min_words", "sotu_ref_max_words", "quick", "prompts")
+
+
+# --------------------------------------------------------------------------- arguments
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="benchmarks/eval.py",
+        description="Evaluate CoSteer against its baselines on preference alignment and LaMP-style "
+                    "personalized generation (JSONL in/out, resumable; JSON + markdown + PNG results).")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny random models built on the spot, 3 examples, 8 new tokens (CI smoke run)")
+    p.add_argument("--large", default="qwen2.5-coder-1.5b-instruct", help="large model: preset or folder")
+    p.add_argument("--small", default="qwen2.5-coder-0.5b-instruct", help="small model: preset or folder")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    p.add_argument("--tasks", default="preference,sotu",
+                   help="comma list of: preference, sotu, longlamp (longlamp needs --longlamp FILE)")
+    p.add_argument("--prefs", default="concise,verbose,uplifting,creative", help="preferences to run")
+    p.add_argument("--prompts", default=str(DEFAULT_PROMPTS), help="preference prompts JSONL (id, input)")
+    p.add_argument("--longlamp", action="append", default=[], metavar="FILE",
+                   help="a LongLaMP-format JSONL (input, output, top_5 or profile); repeatable")
+    p.add_argument("--longlamp-kind", default="auto", choices=("auto", "abstract", "review", "writing"))
+    p.add_argument("--n", type=int, default=None, help="examples per task (default 8; --quick: 3)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sotu example builder")
+    p.add_argument("--sotu-record-words", type=int, default=None, help="words per profile record (default 120)")
+    p.add_argument("--sotu-ref-min-words", type=int, default=60)
+    p.add_argument("--sotu-ref-max-words", type=int, default=150)
+    p.add_argument("--systems", default=",".join(BASE_SYSTEMS),
+                   help=f"comma list of {', '.join(BASE_SYSTEMS)}, costeer_g<gain>")
+    p.add_argument("--sweep", default=DEFAULT_SWEEP,
+                   help="steering gains for the strength sweep ('default' = 1.783257; 0 reuses large, 1 proxy, "
+                        "default costeer); empty to skip")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default 128 (--quick: 8)")
+    p.add_argument("--gate-threshold", type=float, default=0.1)
+    p.add_argument("--gate-patience", type=int, default=3)
+    p.add_argument("--eos-guard", type=float, default=None, help="stop when the large model's P(EOS) exceeds this")
+    p.add_argument("--throughput-batch-sizes", default=None,
+                   help="batch sizes for the throughput plot (default 1,2,4,8; --quick: 1,2); empty to skip")
+    p.add_argument("--throughput-tokens", type=int, default=None, help="tokens per row there (default 32)")
+    p.add_argument("--throughput-systems", default="large,costeer")
+    p.add_argument("--out", default=str(DEFAULT_OUT), help="results folder")
+    p.add_argument("--name", default=None, help="run name: files are eval_<name>.* (default: quick / default)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: min(2, cores))")
+    p.add_argument("--overwrite", action="store_true", help="discard this run name's earlier generations")
+    p.add_argument("--wordnet-deb", default=None,
+                   help="unpack Debian's wordnet-base .deb for METEOR (offline) before running")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _resolve_defaults(args) -> None:
+    q = args.quick
+    if args.n is None:
+        args.n = 3 if q else 8
+    if args.max_new_tokens is None:
+        args.max_new_tokens = 8 if q else 128
+    if args.throughput_batch_sizes is None:
+        args.throughput_batch_sizes = "1,2" if q else "1,2,4,8"
+    if args.throughput_tokens is None:
+        args.throughput_tokens = 4 if q else 32
+    if args.sotu_record_words is None:
+        args.sotu_record_words = 30 if q else 120
+    if q:
+        args.sotu_ref_min_words, args.sotu_ref_max_words = min(args.sotu_ref_min_words, 30), min(
+            args.sotu_ref_max_words, 60)
+    if args.name is None:
+        args.name = "quick" if q else "default"
+    if args.threads is None:
+        # Tiny models run faster on one thread (and do not fight the other jobs on the box).
+        args.threads = 1 if q else max(1, min(2, os.cpu_count() or 1))
+
+
+def _csv(text: str) -> list[str]:
+    return [x.strip() for x in (text or "").split(",") if x.strip()]
+
+
+# --------------------------------------------------------------------------- building
+def build_tasks(args) -> list[Task]:
+    tasks: list[Task] = []
+    names = _csv(args.tasks)
+    for t in names:
+        if t not in ("preference", "sotu", "longlamp"):
+            raise SystemExit(f"unknown task {t!r}; choose from preference, sotu, longlamp")
+    if "preference" in names:
+        tasks += preference_tasks(Path(args.prompts), _csv(args.prefs), args.n)
+    if "sotu" in names:
+        tasks.append(sotu_task(args.n, seed=args.seed, record_words=args.sotu_record_words,
+                               ref_min_words=args.sotu_ref_min_words, ref_max_words=args.sotu_ref_max_words))
+    if "longlamp" in names and not args.longlamp:
+        raise SystemExit("--tasks longlamp needs --longlamp FILE")
+    for f in args.longlamp:
+        tasks.append(longlamp_task(Path(f), args.n, kind=args.longlamp_kind))
+    return tasks
+
+
+def _parse_gain(text: str) -> float:
+    return DEFAULT_GAIN if text.strip().lower() in ("default", "costeer") else float(text)
+
+
+def build_systems(args) -> tuple[list[System], dict[float, str]]:
+    """Systems to run, plus ``gain -> system name`` for the sweep (0 = large, 1 = proxy, ...)."""
+    names = _csv(args.systems)
+    systems = make_systems(names, gate_threshold=args.gate_threshold, gate_patience=args.gate_patience,
+                           eos_guard=args.eos_guard)
+    by_name = {s.name: s for s in systems}
+    sweep: dict[float, str] = {}
+    for text in _csv(args.sweep):
+        g = _parse_gain(text)
+        alias = {0.0: "large", 1.0: "proxy"}.get(g)
+        if abs(g - DEFAULT_GAIN) < 1e-3:
+            alias = "costeer"
+        # Gain 0 is large alone only without an EOS guard (the guard acts even at gain 0).
+        if alias == "large" and args.eos_guard is not None:
+            alias = None
+        name = alias or sweep_system(g).name
+        if name not in by_name:
+            extra = make_systems([name], gate_threshold=args.gate_threshold, gate_patience=args.gate_patience,
+                                 eos_guard=args.eos_guard)[0]
+            systems.append(extra)
+            by_name[name] = extra
+        sweep[g] = name
+    return systems, sweep
+
+
+def load_models(args):
+    import torch
+
+    from .systems import Models
+
+    if args.quick:
+        from ..testing import build_tiny_model, build_tiny_tokenizer
+
+        tok = build_tiny_tokenizer()
+        large = build_tiny_model(tok, hidden_size=128, seed=1, max_position_embeddings=4096)
+        small = build_tiny_model(tok, hidden_size=64, seed=2, max_position_embeddings=4096)
+        return Models(large, small, tok, tok, "tiny-large (random)", "tiny-small (random)")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        from ..models import resolve_model
+    except ImportError:  # models.py not there: plain folders only
+        def resolve_model(name, dtype="bfloat16"):
+            path = Path(name).expanduser()
+            if not path.is_dir():
+                raise SystemExit(f"{name} is not a model folder (and costeer_processor.models is unavailable)")
+            return path
+    dtype = getattr(torch, args.dtype)
+    loaded = []
+    for name in (args.large, args.small):
+        path = resolve_model(name, dtype=args.dtype)
+        tok = AutoTokenizer.from_pretrained(str(path))
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+        loaded.append((model, tok, str(path)))
+    (lm, ltok, lpath), (sm, stok, spath) = loaded
+    return Models(lm, sm, ltok, stok, f"{args.large} ({lpath})", f"{args.small} ({spath})")
+
+
+# --------------------------------------------------------------------------- generation
+def _file_key(task: Task, system: System) -> str:
+    key = task.shared if (task.shared and not system.uses_context) else task.name
+    return key.replace("/", "_")
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut by an interrupted run: it is regenerated
+    return rows
+
+
+def done_ids(path: Path) -> set[str]:
+    """Ids already generated in a JSONL output file (what a resumed run skips)."""
+    return {str(r["id"]) for r in _read_jsonl(path) if "id" in r}
+
+
+def _terminate_last_line(path: Path) -> None:
+    """After an interrupted write, start appending on a fresh line (the cut line is skipped)."""
+    if path.exists() and path.stat().st_size:
+        with open(path, "rb") as fh:
+            fh.seek(-1, os.SEEK_END)
+            last = fh.read(1)
+        if last != b"\n":
+            with open(path, "a", encoding="utf-8") as fh:
+                fh.write("\n")
+
+
+def _check_run_config(gen_dir: Path, args, overwrite: bool) -> None:
+    cfg = {k: getattr(args, k) for k in _GEN_KEYS}
+    path = gen_dir / "run_config.json"
+    if overwrite and gen_dir.exists():
+        for f in gen_dir.glob("*.jsonl"):
+            f.unlink()
+        for f in gen_dir.glob("*.json"):
+            f.unlink()
+    if path.exists():
+        old = json.loads(path.read_text())
+        diff = {k: (old.get(k), cfg[k]) for k in cfg if old.get(k) != cfg[k]}
+        if diff:
+            raise SystemExit(f"{gen_dir} holds generations made with other settings {diff}; "
+                             "use another --name or --overwrite")
+    gen_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(cfg, indent=1))
+
+
+def run_generations(tasks, systems, get_models, args, gen_dir: Path) -> None:
+    from tqdm.auto import tqdm
+
+    from ..small_model import SmallModelRunner
+    from .systems import generate
+
+    plan = []
+    seen_files = set()
+    for task in tasks:
+        for system in systems:
+            path = gen_dir / f"{_file_key(task, system)}__{system.name}.jsonl"
+            if path in seen_files:
+                # shared file (context-free system over the preference tasks): examples are the same
+                continue
+            seen_files.add(path)
+            done = done_ids(path)
+            todo = [e for e in task.examples if e.id not in done]
+            if todo:
+                plan.append((task, system, path, todo))
+    total = sum(len(t) for *_, t in plan)
+    if not plan:
+        return
+    models = get_models()
+    # One-off costs (first-call allocations, weights paged in) stay out of the first system's timing.
+    e = plan[0][3][0]
+    needed = {s.model for _, s, _, _ in plan} | ({"small"} if any(s.steered for _, s, _, _ in plan) else set())
+    for which in sorted(needed):
+        generate(System("warmup", which), models, [e.input], [e.context], position="before", separator="\n",
+                 max_new_tokens=2)
+    bar = tqdm(total=total, desc="generating", unit="ex", disable=args.no_progress or total == 0)
+    runners: dict[tuple, SmallModelRunner] = {}
+    for task, system, path, todo in plan:
+        bar.set_postfix_str(f"{task.name} / {system.name}")
+        key = (task.context_position, task.context_separator)
+        if system.steered and key not in runners:
+            runners[key] = SmallModelRunner(models.small, models.small_tokenizer, context_position=key[0],
+                                            context_separator=key[1])
+        _terminate_last_line(path)
+        for start in range(0, len(todo), args.batch_size):
+            batch = todo[start:start + args.batch_size]
+            res = generate(system, models, [e.input for e in batch], [e.context for e in batch],
+                           position=task.context_position, separator=task.context_separator,
+                           max_new_tokens=args.max_new_tokens, runner=runners.get(key))
+            with open(path, "a", encoding="utf-8") as fh:
+                for i, e in enumerate(batch):
+                    rec = {
+                        "id": e.id, "task": _file_key(task, system), "system": system.name,
+                        "input": e.input, "context": e.context if system.uses_context else None,
+                        "output": res.texts[i], "n_tokens": res.n_tokens[i],
+                        "ended": res.ended[i],
+                        "time_share_s": res.seconds / len(batch), "batch_size": len(batch),
+                        "batch_seconds": res.seconds, "loadavg_1m": (_loadavg() or [None])[0],
+                    }
+                    if res.steered_steps is not None:
+                        rec["steered_steps"] = res.steered_steps[i]
+                        rec["live_steps"] = res.live_steps[i]
+                        rec["small_forwards_share"] = res.small_forwards / len(batch)
+                    fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            bar.update(len(batch))
+    bar.close()
+
+
+def run_throughput(get_models, tasks, args, gen_dir: Path) -> list[dict]:
+    """tokens/s vs batch size with a fixed output length (min_new_tokens = max_new_tokens)."""
+    from .systems import generate
+
+    sizes = [int(x) for x in _csv(args.throughput_batch_sizes)]
+    if not sizes or not tasks:
+        return []
+    cache = gen_dir / "throughput.json"
+    settings = {"sizes": sizes, "tokens": args.throughput_tokens, "systems": args.throughput_systems,
+                "threads": args.threads}
+    if cache.exists():
+        old = json.loads(cache.read_text())
+        if old.get("settings") == settings:
+            return old["rows"]
+    models = get_models()
+    task = next((t for t in tasks if t.preference == "concise"), tasks[0])
+    pool = task.examples
+    systems = make_systems(_csv(args.throughput_systems), gate_threshold=args.gate_threshold,
+                           gate_patience=args.gate_patience, eos_guard=None)
+    rows = []
+    warm = pool[:1]
+    for system in systems:  # warm-up: first calls pay one-off costs
+        generate(system, models, [e.input for e in warm], [e.context for e in warm], position=task.context_position,
+                 separator=task.context_separator, max_new_tokens=2, min_new_tokens=2)
+    for system in systems:
+        for bs in sizes:
+            batch = [pool[i % len(pool)] for i in range(bs)]
+            res = generate(system, models, [e.input for e in batch], [e.context for e in batch],
+                           position=task.context_position, separator=task.context_separator,
+                           max_new_tokens=args.throughput_tokens, min_new_tokens=args.throughput_tokens)
+            tokens = sum(res.n_tokens)
+            rows.append({"system": system.name, "batch_size": bs, "tokens": tokens, "seconds": res.seconds,
+                         "tokens_per_s": tokens / res.seconds if res.seconds > 0 else None, "task": task.name})
+    cache.write_text(json.dumps({"settings": settings, "rows": rows}, indent=1))
+    return rows
+
+
+# --------------------------------------------------------------------------- metrics
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def summarize(tasks, systems, gen_dir: Path, args) -> list[dict]:
+    results = []
+    use_meteor = meteor_available()
+    for task in tasks:
+        ids = [e.id for e in task.examples]
+        refs = {e.id: e.reference for e in task.examples}
+        outputs = {}
+        for system in systems:
+            recs = {str(r["id"]): r for r in _read_jsonl(gen_dir / f"{_file_key(task, system)}__{system.name}.jsonl")}
+            outputs[system.name] = [recs[i] for i in ids if i in recs]
+        upper = {str(r["id"]): r["output"] for r in outputs.get("large_ctx", [])}
+        large_speed = _speed(outputs.get("large", []))
+        for system in systems:
+            recs = outputs[system.name]
+            if not recs:
+                continue
+            texts = [r["output"] for r in recs]
+            lengths = [word_count(t) for t in texts]
+            m: dict = {"words": summary_stats(lengths), "words_mean": _mean(lengths),
+                       "tokens_mean": _mean([r["n_tokens"] for r in recs]),
+                       "cut_at_max_tokens": sum(1 for r in recs if not r["ended"]) / len(recs)}
+            if task.kind == "preference":
+                m["sentiment_mean"] = _mean([sentiment(t) for t in texts])
+                m["distinct_1"] = distinct_n(texts, 1)
+                m["distinct_2"] = distinct_n(texts, 2)
+                if upper and system.name != "large_ctx":
+                    m["rougeL_vs_large_ctx"] = _mean([rouge_scores(r["output"], upper[str(r["id"])])["rougeL"]
+                                                      for r in recs if str(r["id"]) in upper])
+                target, direction = PREFERENCE_TARGETS[task.preference]
+                m["target"] = {"metric": target, "better": direction, "value": m[target]}
+            else:
+                scored = [(r["output"], refs[str(r["id"])]) for r in recs if refs.get(str(r["id"]))]
+                rs = [rouge_scores(p, ref) for p, ref in scored]
+                m["rouge1"] = _mean([x["rouge1"] for x in rs])
+                m["rougeL"] = _mean([x["rougeL"] for x in rs])
+                m["meteor"] = _mean([meteor(p, ref) for p, ref in scored]) if use_meteor else None
+                m["target"] = {"metric": "rougeL", "better": "higher", "value": m["rougeL"]}
+            speed = _speed(recs)
+            if speed["ms_per_token"] and large_speed["ms_per_token"]:
+                speed["overhead_vs_large"] = speed["ms_per_token"] / large_speed["ms_per_token"]
+            row = {"task": task.name, "system": system.name, "n": len(recs), "n_expected": len(ids),
+                   "gain": system.effective_gain, "metrics": m, "speed": speed, "lengths": lengths}
+            if system.steered:
+                steered = sum(r.get("steered_steps", 0) for r in recs)
+                live = sum(r.get("live_steps", 0) for r in recs)
+                row["steering"] = {
+                    "steered_row_steps": steered, "live_row_steps": live,
+                    "steered_fraction": steered / live if live else None,
+                    "small_row_steps_saved": 1 - steered / live if live else None,
+                    "small_forwards": round(sum(r.get("small_forwards_share", 0.0) for r in recs)),
+                }
+            results.append(row)
+    return results
+
+
+def _speed(recs) -> dict:
+    tokens = sum(r["n_tokens"] for r in recs)
+    seconds = sum(r["time_share_s"] for r in recs)
+    return {"tokens": tokens, "seconds": seconds,
+            "tokens_per_s": tokens / seconds if seconds > 0 else None,
+            "ms_per_token": 1000 * seconds / tokens if tokens else None,
+            "overhead_vs_large": None}
+
+
+# --------------------------------------------------------------------------- report
+def _f(x, digits=3):
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def markdown(summary: dict) -> str:
+    lines = [f"# CoSteer evaluation `{summary['name']}`", "", f"Command: `{summary['command']}`", ""]
+    mach = summary["machine"]
+    lines.append(f"Large: {summary['models']['large']}; small: {summary['models']['small']}; "
+                 f"dtype {summary['config']['dtype']}; greedy; max {summary['config']['max_new_tokens']} new tokens; "
+                 f"batch {summary['config']['batch_size']}; {mach['torch_threads']} torch threads on "
+                 f"{mach['processor'] or mach['machine']} ({mach['cpu_count']} cores); wall of this invocation "
+                 f"{summary['wall_time_s']:.0f} s; generate time of all rows (over resumes) "
+                 f"{summary.get('generation_seconds_total') or 0:.0f} s; "
+                 + _load_text(mach))
+    lines.append("")
+    results = summary["results"]
+    headline = _headline(summary)
+    if headline:
+        lines += ["## Headline", "", *headline, ""]
+    for task in summary["tasks"]:
+        rows = [r for r in results if r["task"] == task]
+        if not rows:
+            continue
+        info = summary["tasks"][task]
+        lines.append(f"## {task} (n={info['n']})")
+        lines.append("")
+        if info["kind"] == "preference":
+            t = info["target"]
+            lines.append(f"Target: {t[0]} ({t[1]} is better). R-L vs L+ctx: ROUGE-L F against the large model "
+                         "told the preference (the privacy-breaking upper bound).")
+            lines.append("")
+            cols = ["system", "g", "n", "words", "sentiment", "distinct-2", "R-L vs L+ctx", "cut", "tok/s",
+                    "overhead", "steered"]
+        else:
+            cols = ["system", "g", "n", "ROUGE-1", "ROUGE-L", "METEOR", "words", "cut", "tok/s", "overhead",
+                    "steered"]
+        lines.append("| " + " | ".join(cols) + " |")
+        lines.append("|" + "|".join("---" for _ in cols) + "|")
+        for r in rows:
+            m, s = r["metrics"], r["speed"]
+            st = r.get("steering", {}).get("steered_fraction")
+            common_tail = [_f(m["cut_at_max_tokens"], 2), _f(s["tokens_per_s"], 2),
+                           _f(s["overhead_vs_large"], 2), _f(st, 2)]
+            g = _f(r["gain"], 2) if r["gain"] is not None else "–"
+            if info["kind"] == "preference":
+                vals = [r["system"], g, str(r["n"]), _f(m["words_mean"], 1), _f(m["sentiment_mean"]),
+                        _f(m["distinct_2"]), _f(m.get("rougeL_vs_large_ctx"))] + common_tail
+            else:
+                vals = [r["system"], g, str(r["n"]), _f(m["rouge1"]), _f(m["rougeL"]), _f(m["meteor"]),
+                        _f(m["words_mean"], 1)] + common_tail
+            lines.append("| " + " | ".join(vals) + " |")
+        lines.append("")
+    if summary.get("throughput"):
+        lines += ["## Throughput (tokens/s, fixed output length)", "",
+                  "| system | " + " | ".join(f"batch {b}" for b in sorted({r['batch_size'] for r in summary['throughput']})) + " |"]
+        sizes = sorted({r["batch_size"] for r in summary["throughput"]})
+        lines.append("|---|" + "|".join("---" for _ in sizes) + "|")
+        for sysname in dict.fromkeys(r["system"] for r in summary["throughput"]):
+            vals = {r["batch_size"]: r["tokens_per_s"] for r in summary["throughput"] if r["system"] == sysname}
+            lines.append(f"| {sysname} | " + " | ".join(_f(vals.get(b), 2) for b in sizes) + " |")
+        lines.append("")
+    if summary.get("plots"):
+        lines += ["## Plots", ""] + [f"- `{p}`" for p in summary["plots"]] + [""]
+    lines += ["Columns: g = steering gain (large alone = 0); words = mean response length in words; "
+              "sentiment = mean VADER compound; distinct-2 = unique/all bigrams pooled over responses; "
+              "cut = share of responses that hit the token cap; tok/s = generated tokens / generation wall time "
+              "(batched, prefill included); overhead = ms per token / large alone's on the same task; "
+              "steered = share of live row-steps the small model ran for (AdaCoSteer gating lowers it).", ""]
+    if not summary["meteor_available"]:
+        lines += ["METEOR: unavailable (no local WordNet; see `--wordnet-deb`).", ""]
+    return "\n".join(lines)
+
+
+def _load_text(mach: dict) -> str:
+    gen = mach.get("generation_loadavg_1m")
+    if gen:
+        text = (f"1-min load average while generating: mean {gen['mean']:.1f}, max {gen['max']:.1f} "
+                f"(over {gen['rows']} rows)")
+    else:
+        text = f"load average (1/5/15 min) {mach.get('loadavg_start')} at start, {mach.get('loadavg_end')} at the end"
+    return text + f" on {mach['cpu_count']} cores (above the core count, other jobs slowed every timing)."
+
+
+def _headline(summary) -> list[str]:
+    """One row per system: the target metric of every task."""
+    results = summary["results"]
+    tasks = [t for t in summary["tasks"] if any(r["task"] == t for r in results)]
+    if not tasks:
+        return []
+    cols = []
+    for t in tasks:
+        info = summary["tasks"][t]
+        metric = info["target"][0] if info["kind"] == "preference" else "rougeL"
+        cols.append((t, metric))
+    header = ["system"] + [f"{t.split('/')[-1]}: {m}" for t, m in cols] + ["overhead (mean)"]
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for sysname in summary["systems"]:
+        vals = []
+        overheads = []
+        for t, metric in cols:
+            row = next((r for r in results if r["task"] == t and r["system"] == sysname), None)
+            if row is None:
+                vals.append("–")
+                continue
+            v = row["metrics"].get(metric)
+            vals.append(_f(v, 1 if metric == "words_mean" else 3))
+            if row["speed"]["overhead_vs_large"] is not None:
+                overheads.append(row["speed"]["overhead_vs_large"])
+        out.append(f"| {sysname} | " + " | ".join(vals) + f" | {_f(_mean(overheads), 2)} |")
+    return out
+
+
+def machine_info(threads: int) -> dict:
+    import torch
+    import transformers
+
+    return {"platform": platform.platform(), "machine": platform.machine(), "processor": _cpu_name(),
+            "cpu_count": os.cpu_count(), "torch_threads": threads, "python": platform.python_version(),
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "loadavg_end": _loadavg()}
+
+
+def _loadavg():
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:  # pragma: no cover - not on every platform
+        return None
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _rel(path: Path) -> str:
+    """A path relative to the current folder when it is inside it (readable tables), else absolute."""
+    path = Path(path).resolve()
+    try:
+        return str(path.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _model_names(args, models, gen_dir: Path) -> dict:
+    """Names of the models that made the generations (kept next to them for resumed runs)."""
+    path = gen_dir / "models.json"
+    if models is not None:
+        names = {"large": models.large_name, "small": models.small_name}
+        path.write_text(json.dumps(names))
+        return names
+    if path.exists():
+        return json.loads(path.read_text())
+    return {"large": args.large, "small": args.small}
+
+
+# --------------------------------------------------------------------------- main
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    """Runs the evaluation the arguments describe; returns the summary (also written as JSON)."""
+    args = build_parser().parse_args(argv)
+    _resolve_defaults(args)
+    import torch
+
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return _main(args, argv)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _main(args, argv) -> dict:
+    t_start = time.perf_counter()
+    load_start = _loadavg()
+    if args.wordnet_deb:
+        install_wordnet_from_deb(args.wordnet_deb)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    gen_dir = out / f"eval_{args.name}_generations"
+    tasks = build_tasks(args)
+    systems, sweep = build_systems(args)
+    _check_run_config(gen_dir, args, args.overwrite)
+    for task in tasks:
+        with open(gen_dir / f"examples_{task.name.replace('/', '_')}.jsonl", "w", encoding="utf-8") as fh:
+            for e in task.examples:
+                fh.write(json.dumps({"id": e.id, "input": e.input, "context": e.context, "reference": e.reference,
+                                     "meta": e.meta}, ensure_ascii=False) + "\n")
+    loaded = []
+
+    def get_models():  # loaded only when something is left to generate
+        if not loaded:
+            loaded.append(load_models(args))
+        return loaded[0]
+
+    run_generations(tasks, systems, get_models, args, gen_dir)
+    throughput = run_throughput(get_models, tasks, args, gen_dir)
+    model_names = _model_names(args, loaded[0] if loaded else None, gen_dir)
+    results = summarize(tasks, systems, gen_dir, args)
+    summary = {
+        "schema": SCHEMA,
+        "name": args.name,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": "python benchmarks/eval.py " + shlex.join(list(argv if argv is not None else sys.argv[1:])),
+        "config": {k: v for k, v in vars(args).items()},
+        "machine": {**machine_info(args.threads), "loadavg_start": load_start},
+        "models": model_names,
+        "default_gain": DEFAULT_GAIN,
+        "meteor_available": meteor_available(),
+        "tasks": {t.name: t.describe() for t in tasks},
+        "systems": {s.name: s.describe() for s in systems},
+        "sweep": {f"{g:g}": name for g, name in sorted(sweep.items())},
+        "results": results,
+        "throughput": throughput,
+        "generations_dir": _rel(gen_dir),
+        "plots": [],
+        "wall_time_s": None,
+    }
+    from .plots import make_plots
+
+    summary["plots"] = [_rel(p) for p in make_plots(summary, out, args.name)]
+    summary["wall_time_s"] = time.perf_counter() - t_start
+    # A context-free system's shared file counts once, not once per preference task.
+    seen, total = set(), 0.0
+    for r in results:
+        key = (_file_key(next(t for t in tasks if t.name == r["task"]), next(s for s in systems if s.name == r["system"])),
+               r["system"])
+        if key not in seen:
+            seen.add(key)
+            total += r["speed"]["seconds"]
+    summary["generation_seconds_total"] = total + sum(t["seconds"] for t in throughput)
+    loads = [r.get("loadavg_1m") for t in tasks for s in systems
+             for r in _read_jsonl(gen_dir / f"{_file_key(t, s)}__{s.name}.jsonl")]
+    loads = [x for x in loads if x is not None]
+    summary["machine"]["generation_loadavg_1m"] = (
+        {"mean": sum(loads) / len(loads), "max": max(loads), "rows": len(loads)} if loads else None)
+    (out / f"eval_{args.name}.json").write_text(json.dumps(summary, indent=1, default=str))
+    md = markdown(summary)
+    (out / f"eval_{args.name}.md").write_text(md)
+    print(md)
+    return summary
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
