@@ -1,0 +1,70 @@
+"""CoSteer inside vLLM: logits processors for the V1 model runner and for Model Runner V2.
+
+* :class:`CoSteerLogitsProcessor` — ``vllm.v1.sample.logits_processor.LogitsProcessor`` (V1 runner:
+  vLLM's CPU backend and GPU engines started with the V1 runner).
+* :class:`CoSteerLogitsProcessorV2` — ``vllm.v1.worker.gpu.sample.logits_processor.LogitsProcessor``
+  (Model Runner V2, the default GPU runner of vLLM 0.32).
+
+Both load by qualified name (``"costeer_processor.vllm:CoSteerLogitsProcessor"``), read engine-wide
+settings from ``additional_config["costeer"]`` (env fallback ``COSTEER_<KEY>``) and steer only
+requests whose ``extra_args`` / ``vllm_xargs`` carry ``costeer_context``. See ``docs/vllm.md``.
+"""
+
+from .common import REQUEST_ARGS, EngineSettings, RequestArgs, parse_request_args, validate_sampling_params
+from .v1 import CoSteerLogitsProcessor
+from .v2 import CoSteerLogitsProcessorV2
+
+V1_PROCESSOR = "costeer_processor.vllm:CoSteerLogitsProcessor"
+V2_PROCESSOR = "costeer_processor.vllm:CoSteerLogitsProcessorV2"
+
+__all__ = [
+    "CoSteerLogitsProcessor",
+    "CoSteerLogitsProcessorV2",
+    "EngineSettings",
+    "RequestArgs",
+    "REQUEST_ARGS",
+    "parse_request_args",
+    "validate_sampling_params",
+    "worker_stats",
+    "engine_stats",
+    "V1_PROCESSOR",
+    "V2_PROCESSOR",
+]
+
+
+def worker_stats(worker) -> list[dict]:
+    """Small-model state of every CoSteer processor in one vLLM worker (for ``collective_rpc``).
+
+    Returns one dict per processor: ``requests`` (registered in the runner), ``cached_rows``,
+    ``cache_length`` (KV columns), ``steered_handles``, ``steps`` (applies that ran the small
+    model), ``forwards`` (batched small-model forwards) and ``resumed`` (steered requests that
+    re-joined the batch with output already generated: preemption / resumption).
+    """
+    runner_obj = getattr(worker, "model_runner", worker)
+    procs = []
+    batch = getattr(runner_obj, "input_batch", None)
+    lps = getattr(batch, "logitsprocs", None)
+    if lps is not None:
+        procs += [p for p in lps.all if isinstance(p, CoSteerLogitsProcessor)]
+    sampler = getattr(runner_obj, "sampler", None)
+    for p in getattr(sampler, "logits_processors", []) or []:
+        if isinstance(p, CoSteerLogitsProcessorV2):
+            procs.append(p)
+    out = []
+    for p in procs:
+        r = p.engine.runner
+        handles = p._rows if isinstance(p, CoSteerLogitsProcessor) else p._slots
+        out.append({"requests": len(r), "cached_rows": r.cached_rows, "cache_length": r.cache_length,
+                    "steered_handles": len(handles), "parked": len(p.engine._parked),
+                    "steps": p.engine.steps, "forwards": r.forward_count,
+                    "resumed": getattr(p, "resumed", 0)})
+    return out
+
+
+def engine_stats(llm) -> list[dict]:
+    """:func:`worker_stats` over all workers of an offline ``vllm.LLM`` (flattened).
+
+    With the multiprocess engine, vLLM only ships a function to its workers when
+    ``VLLM_ALLOW_INSECURE_SERIALIZATION=1``.
+    """
+    return [s for per_worker in llm.collective_rpc(worker_stats) for s in per_worker]
