@@ -1,0 +1,556 @@
+"""Split mode: unmodified remote vLLM server for the large model, small model + context on the device.
+
+Two kinds of server:
+
+* a fake OpenAI/vLLM server (``FakeVLLM``, a few dozen lines over ``http.server``) backed by the tiny
+  large model in-process: fast, exact, and able to misbehave on purpose (no log-probs, another
+  tokenizer, ids beyond the vocabulary, 503s, a stream cut in the middle);
+* a real ``vllm serve`` (``@pytest.mark.vllm``, one per module, restarted once by the last test).
+
+The privacy test puts a recording HTTP proxy between the client and the real server and checks
+that neither the context's text nor its token ids ever cross the wire.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessorList
+
+from costeer_processor import CoSteerConfig, SmallModelRunner
+from costeer_processor.hf import CoSteerLogitsProcessor
+from costeer_processor.split import (
+    ServerUnavailableError,
+    SplitCoSteerClient,
+    SplitModeError,
+    generate_split,
+)
+
+PROMPTS = ["Suggest a dinner recipe.", "Tell me about the history of tea.", "Write a story about a dragon."]
+CONTEXTS = ["I am vegan and I love spicy food.", "I prefer uplifting, warm answers.", "My hobbies are chess and hiking."]
+SECRET = "Private note: my name is Zorblax Quentin, allergic to peanuts, living at 42 Hazelmere Lane, PIN 7319."
+N_NEW = 24
+
+
+# --------------------------------------------------------------------------- models and the HF reference
+@pytest.fixture(scope="module")
+def pair(tiny_pair_dirs):
+    large_dir, small_dir = tiny_pair_dirs
+    tok = AutoTokenizer.from_pretrained(large_dir)
+    large = AutoModelForCausalLM.from_pretrained(large_dir, dtype=torch.float32).eval()
+    small = AutoModelForCausalLM.from_pretrained(small_dir, dtype=torch.float32).eval()
+    return large, small, tok, large_dir, small_dir
+
+
+@pytest.fixture(scope="module")
+def runner(pair):
+    return SmallModelRunner(pair[1], pair[2])
+
+
+def hf_reference(pair, runner, prompt, context, max_new_tokens=N_NEW, **kw):
+    """The in-process processor's greedy output (the fidelity reference)."""
+    large, _, tok, _, _ = pair
+    proc = CoSteerLogitsProcessor(runner, [prompt], [context], **kw)
+    ids = tok(runner.splicer.render(prompt), return_tensors="pt", add_special_tokens=False)
+    out = large.generate(**ids, logits_processor=LogitsProcessorList([proc]), do_sample=False,
+                         max_new_tokens=max_new_tokens)
+    return out[0, ids["input_ids"].shape[1]:].tolist()
+
+
+# --------------------------------------------------------------------------- a fake vLLM server
+class FakeVLLM:
+    """Speaks the bits of vLLM's OpenAI API that split mode uses, with the tiny large model in-process."""
+
+    def __init__(self, model, tokenizer, name="fake-large", *, logprobs=True, token_ids_as_ids=True,
+                 tokenize_offset=0, id_offset=0, fail_first=0, break_stream_after=None, max_logprobs=-1,
+                 fail_status=503):
+        self.model, self.tok, self.name = model, tokenizer, name
+        self.logprobs, self.ids_ok = logprobs, token_ids_as_ids
+        self.tokenize_offset, self.id_offset = tokenize_offset, id_offset
+        self.fail_first, self.fail_status = fail_first, fail_status
+        self.break_stream_after, self.max_logprobs = break_stream_after, max_logprobs
+        self.requests: list[dict] = []
+        self.lock = threading.Lock()
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def _json(self, status, obj):
+                data = json.dumps(obj).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                if self.path == "/v1/models":
+                    return self._json(200, {"object": "list", "data": [
+                        {"id": fake.name, "object": "model", "max_model_len": 512}]})
+                self._json(404, {"error": {"message": "not found"}})
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with fake.lock:
+                    fake.requests.append({"path": self.path, "body": body})
+                if self.path == "/tokenize":
+                    ids = fake.tok(body["prompt"], add_special_tokens=False)["input_ids"]
+                    return self._json(200, {"count": len(ids), "max_model_len": 512,
+                                            "tokens": [i + fake.tokenize_offset for i in ids]})
+                if self.path != "/v1/completions":
+                    return self._json(404, {"error": {"message": "not found"}})
+                with fake.lock:
+                    if fake.fail_first > 0:
+                        fake.fail_first -= 1
+                        return self._json(fake.fail_status, {"error": {"message": "engine busy"}})
+                k = body.get("logprobs")
+                if k is not None and fake.max_logprobs != -1 and (k == -1 or k > fake.max_logprobs):
+                    return self._json(400, {"error": {"message": f"Requested sample logprobs of {k}, which is "
+                                                                 f"greater than max allowed: {fake.max_logprobs}"}})
+                if body.get("stream"):
+                    return self._stream(body)
+                prompts = body["prompt"] if isinstance(body["prompt"][0], list) else [body["prompt"]]
+                choices = [fake.complete(i, p, body) for i, p in enumerate(prompts)]
+                self._json(200, {"object": "text_completion", "model": fake.name, "choices": choices})
+
+            def _stream(self, body):
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Connection", "close")
+                self.end_headers()
+                ids = list(body["prompt"])
+                stop = set(body.get("stop_token_ids") or [])
+                for n in range(body["max_tokens"]):
+                    if fake.break_stream_after is not None and n == fake.break_stream_after:
+                        fake.break_stream_after = None
+                        self.wfile.flush()
+                        self.close_connection = True
+                        return  # cut: no [DONE]
+                    tok = int(fake.next_logprobs(ids).argmax())
+                    ids.append(tok)
+                    last = tok in stop or n == body["max_tokens"] - 1
+                    event = {"choices": [{"index": 0, "text": "", "token_ids": [tok],
+                                          "finish_reason": ("stop" if tok in stop else "length") if last else None}]}
+                    self.wfile.write(b"data: " + json.dumps(event).encode() + b"\n\n")
+                    if tok in stop:
+                        break
+                self.wfile.write(b"data: [DONE]\n\n")
+                self.close_connection = True
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @torch.no_grad()
+    def next_logprobs(self, ids):
+        logits = self.model(torch.tensor([ids])).logits[0, -1].float()
+        return torch.log_softmax(logits, -1)
+
+    def complete(self, index, prompt, body):
+        ids, tokens, tops = list(prompt), [], []
+        stop = set(body.get("stop_token_ids") or [])
+        k = body.get("logprobs")
+        for _ in range(body["max_tokens"]):
+            lp = self.next_logprobs(ids)
+            tok = int(lp.argmax())
+            ids.append(tok)
+            if k is not None:
+                order = lp.argsort(descending=True)
+                keep = order if k == -1 else order[:max(k, 1)]
+                name = (lambda i: f"token_id:{i + self.id_offset}") if self.ids_ok else self.tok.decode
+                tokens.append(name(tok))
+                tops.append({name(int(i)): float(lp[i]) for i in keep})
+            if tok in stop:
+                break
+        logprobs = {"tokens": tokens, "top_logprobs": tops, "token_logprobs": [0.0] * len(tokens),
+                    "text_offset": [0] * len(tokens)} if (k is not None and self.logprobs) else None
+        return {"index": index, "text": "", "logprobs": logprobs, "finish_reason": "length"}
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def fake(pair):
+    with FakeVLLM(pair[0], pair[2]) as f:
+        yield f
+
+
+# --------------------------------------------------------------------------- fake-server tests (fast)
+@pytest.mark.parametrize("lookahead", [1, 4])
+def test_fake_server_equals_hf_processor(pair, runner, fake, lookahead):
+    client = SplitCoSteerClient(fake.url, runner, lookahead=lookahead)
+    for p, c in zip(PROMPTS, CONTEXTS):
+        res = client.generate(p, c, max_new_tokens=N_NEW)
+        assert res.token_ids == hf_reference(pair, runner, p, c)
+        assert res.steered_tokens == len(res.token_ids)
+        assert res.round_trips <= len(res.token_ids)
+    batch = client.generate_batch(PROMPTS, CONTEXTS, max_new_tokens=N_NEW)
+    assert [r.token_ids for r in batch] == [hf_reference(pair, runner, p, c) for p, c in zip(PROMPTS, CONTEXTS)]
+    assert len(runner) == 0  # every small-model row was released
+    client.close()
+
+
+def test_gated_generation_hands_off_to_one_stream(pair, runner, fake):
+    # The random tiny model is never confident at 0.1, so gate generously to exercise the hand-off.
+    client = SplitCoSteerClient(fake.url, runner, gate_threshold=0.99, gate_patience=3, lookahead=1)
+    res = client.generate(PROMPTS[0], CONTEXTS[0], max_new_tokens=N_NEW)
+    assert res.token_ids == hf_reference(pair, runner, PROMPTS[0], CONTEXTS[0], gate_threshold=0.99, gate_patience=3)
+    assert res.handoff_at == 3 and res.steered_tokens == 2
+    streams = [r for r in fake.requests if r["body"].get("stream")]
+    assert len(streams) == 1 and res.round_trips == 3 + 1
+    pieces = list(client.stream(PROMPTS[0], CONTEXTS[0], max_new_tokens=N_NEW))
+    assert "".join(pieces) == res.text and client.last_result.token_ids == res.token_ids
+
+
+@pytest.mark.parametrize("lookahead", [1, 3])
+def test_certified_topk_equals_hf_processor(pair, runner, fake, lookahead):
+    """Top-2 log-probs + the certificate (more candidates by rank where it fails) = exact CoSteer."""
+    client = SplitCoSteerClient(fake.url, runner, top_logprobs=2, lookahead=lookahead, certify_levels=(16, -1))
+    results = client.generate_batch(PROMPTS, CONTEXTS, max_new_tokens=N_NEW)
+    assert [r.token_ids for r in results] == [hf_reference(pair, runner, p, c) for p, c in zip(PROMPTS, CONTEXTS)]
+    assert sum(r.escalations for r in results) > 0 and all(r.uncertified == 0 for r in results)
+    levels = [r["body"]["logprobs"] for r in fake.requests if r["body"].get("max_tokens") == 1]
+    assert 16 in levels
+    # never by id: the ids that could win are the ones the context boosts
+    assert not any("logprob_token_ids" in r["body"] for r in fake.requests)
+
+
+def test_certificate_falls_back_when_the_server_refuses_more_logprobs(pair, runner):
+    with FakeVLLM(pair[0], pair[2], max_logprobs=2) as f:
+        client = SplitCoSteerClient(f.url, runner, top_logprobs=2, lookahead=1, certify_levels=(16, -1))
+        res = client.generate(PROMPTS[0], CONTEXTS[0], max_new_tokens=N_NEW)
+        assert len(res.token_ids) == N_NEW and res.uncertified > 0 and res.escalations == 2 * res.uncertified
+
+
+def test_topk_steers_over_the_server_candidates(pair, runner, fake):
+    client = SplitCoSteerClient(fake.url, runner, top_logprobs=5, lookahead=1, certify=False)
+    res = client.generate(PROMPTS[1], CONTEXTS[1], max_new_tokens=12)
+    assert res.uncertified == len(res.token_ids) and res.escalations == 0
+    bodies = [r for r in fake.requests if r["path"] == "/v1/completions"]
+    assert all(r["body"]["logprobs"] == 5 for r in bodies)
+    large, _, tok, _, _ = pair
+    prefix = runner.encode_branches(PROMPTS[1], CONTEXTS[1])[1]
+    for t in res.token_ids:  # every chosen token is among the large model's top 5 at its position
+        assert t in fake.next_logprobs(prefix).topk(5).indices.tolist()
+        prefix = prefix + [t]
+
+
+def test_sampling_is_reproducible_with_a_seed(runner, fake):
+    client = SplitCoSteerClient(fake.url, runner)
+    a = client.generate(PROMPTS[2], CONTEXTS[2], max_new_tokens=10, temperature=0.8, top_p=0.9, seed=3)
+    b = client.generate(PROMPTS[2], CONTEXTS[2], max_new_tokens=10, temperature=0.8, top_p=0.9, seed=3)
+    assert a.token_ids == b.token_ids and len(a.token_ids) == 10
+
+
+def test_transient_errors_are_retried(pair, runner):
+    with FakeVLLM(pair[0], pair[2], fail_first=2) as f:
+        client = SplitCoSteerClient(f.url, runner, backoff=0.01, max_retries=3)
+        res = client.generate(PROMPTS[0], CONTEXTS[0], max_new_tokens=6)
+        assert res.retries == 2 and res.token_ids == hf_reference(pair, runner, PROMPTS[0], CONTEXTS[0], 6)
+    with FakeVLLM(pair[0], pair[2], fail_first=10) as f:
+        client = SplitCoSteerClient(f.url, runner, backoff=0.01, max_retries=2)
+        with pytest.raises(ServerUnavailableError, match="failed 3 times"):
+            client.generate(PROMPTS[0], CONTEXTS[0], max_new_tokens=6)
+    assert len(runner) == 0
+
+
+def test_broken_stream_resumes_from_accepted_tokens(pair, runner):
+    with FakeVLLM(pair[0], pair[2], break_stream_after=4) as f:
+        client = SplitCoSteerClient(f.url, runner, gate_threshold=0.99, lookahead=1, backoff=0.01)
+        res = client.generate(PROMPTS[0], CONTEXTS[0], max_new_tokens=N_NEW)
+        ref = hf_reference(pair, runner, PROMPTS[0], CONTEXTS[0], gate_threshold=0.99)
+        assert res.token_ids == ref and res.retries == 1
+        streams = [r["body"] for r in f.requests if r["body"].get("stream")]
+        assert len(streams) == 2
+        # the second stream starts from prompt + every token accepted before the cut
+        assert len(streams[1]["prompt"]) == len(streams[0]["prompt"]) + 4
+
+
+def test_unreachable_server_is_a_clear_error(runner):
+    from costeer_processor.vllm_server import free_port
+
+    client = SplitCoSteerClient(f"http://127.0.0.1:{free_port()}", runner, max_retries=1, backoff=0.01, timeout=2)
+    with pytest.raises(ServerUnavailableError, match="GET /v1/models failed 2 times"):
+        client.generate(PROMPTS[0], CONTEXTS[0], max_new_tokens=4)
+
+
+@pytest.mark.parametrize("kind,message", [
+    (dict(logprobs=False), "returned no log-probs"),
+    (dict(tokenize_offset=1), "tokenizer differs"),
+    (dict(id_offset=10_000), "does not have"),
+    (dict(token_ids_as_ids=False), "tokens as text"),
+    (dict(max_logprobs=20), "--max-logprobs -1"),
+])
+def test_unusable_servers_give_clear_errors(pair, runner, kind, message):
+    with FakeVLLM(pair[0], pair[2], **kind) as f:
+        client = SplitCoSteerClient(f.url, runner)
+        with pytest.raises(SplitModeError, match=re.escape(message)):
+            client.generate(PROMPTS[0], CONTEXTS[0], max_new_tokens=4)
+    assert len(runner) == 0
+
+
+def test_unknown_model_name_and_bad_arguments(runner, fake):
+    with pytest.raises(SplitModeError, match="does not serve model 'nope'"):
+        SplitCoSteerClient(fake.url, runner, model="nope").generate(PROMPTS[0], CONTEXTS[0], max_new_tokens=2)
+    with pytest.raises(ValueError, match="top_logprobs"):
+        SplitCoSteerClient(fake.url, runner, top_logprobs=0)
+    with pytest.raises(ValueError, match="lookahead"):
+        SplitCoSteerClient(fake.url, runner, lookahead=0)
+    with pytest.raises(ValueError, match="context is empty"):
+        SplitCoSteerClient(fake.url, runner).generate(PROMPTS[0], "  ", max_new_tokens=2)
+
+
+def test_generate_split_convenience(pair, fake, tiny_pair_dirs):
+    res = generate_split(fake.url, "fake-large", tiny_pair_dirs[1], PROMPTS[0], CONTEXTS[0], max_new_tokens=8)
+    runner = SmallModelRunner(pair[1], pair[2])
+    assert res.token_ids == hf_reference(pair, runner, PROMPTS[0], CONTEXTS[0], 8)
+    text = "".join(generate_split(fake.url, None, runner, PROMPTS[0], CONTEXTS[0], max_new_tokens=8, stream=True))
+    assert text == res.text
+
+
+# --------------------------------------------------------------------------- privacy proxy
+class RecordingProxy:
+    """Forwards every HTTP request to ``upstream`` and keeps (method, path, headers, body)."""
+
+    def __init__(self, upstream: str):
+        host, port = upstream.split("://", 1)[1].split(":")
+        self.records: list[tuple[str, str, str, bytes]] = []
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def _forward(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                proxy.records.append((self.command, self.path, str(self.headers), body))
+                conn = http.client.HTTPConnection(host, int(port), timeout=120)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+                conn.request(self.command, self.path, body=body or None, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()  # buffered (streams arrive whole; fine for recording)
+                conn.close()
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("transfer-encoding", "content-length", "connection"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = _forward
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _int_lists(obj):
+    if isinstance(obj, list) and obj and all(isinstance(x, int) and not isinstance(x, bool) for x in obj):
+        yield obj
+    elif isinstance(obj, list):
+        for x in obj:
+            yield from _int_lists(x)
+    elif isinstance(obj, dict):
+        for x in obj.values():
+            yield from _int_lists(x)
+
+
+def _contains_run(seq, run):
+    n = len(run)
+    return any(seq[i:i + n] == run for i in range(len(seq) - n + 1))
+
+
+def assert_context_never_sent(records, runner, prompt, context, min_chars=8, min_ids=4):
+    assert records, "the proxy saw no traffic"
+    wire = "\n".join(f"{m} {p}\n{h}\n{b.decode('utf-8', 'replace')}" for m, p, h, b in records)
+    # the text (raw and JSON-escaped) and every window of min_chars characters of it
+    for form in (context, json.dumps(context)[1:-1]):
+        assert form not in wire
+    windows = {context[i:i + min_chars] for i in range(len(context) - min_chars + 1)}
+    leaked = sorted(w for w in windows if w in wire)
+    assert not leaked, f"context fragments on the wire: {leaked}"
+    # the token ids: the context alone, and the span it occupies inside the with-context prompt
+    with_ids, without_ids = runner.encode_branches(prompt, context)
+    pre = next((i for i, (a, b) in enumerate(zip(with_ids, without_ids)) if a != b), len(without_ids))
+    suf = 0
+    while suf < len(without_ids) - pre and with_ids[-1 - suf] == without_ids[-1 - suf]:
+        suf += 1
+    spans = [runner.encode_text(context), with_ids[pre:len(with_ids) - suf]]
+    sent = [lst for _, _, _, b in records if b for lst in _int_lists(json.loads(b))]
+    for span in spans:
+        assert len(span) >= min_ids
+        for i in range(len(span) - min_ids + 1):
+            run = span[i:i + min_ids]
+            assert not any(_contains_run(lst, run) for lst in sent), f"context ids {run} were sent"
+    # and the check is not vacuous: the public prompt's ids did go out
+    assert any(_contains_run(lst, without_ids) for lst in sent)
+    # no request names token ids to score (those would be the ids the context favours)
+    assert b"logprob_token_ids" not in b"".join(b for _, _, _, b in records)
+
+
+def test_privacy_on_fake_server(runner, fake):
+    proxy = RecordingProxy(fake.url)
+    try:
+        client = SplitCoSteerClient(proxy.url, runner, gate_threshold=0.99)
+        client.generate(PROMPTS[0], SECRET, max_new_tokens=12)
+        certified = SplitCoSteerClient(proxy.url, runner, top_logprobs=2, certify_levels=(16, -1))
+        assert certified.generate(PROMPTS[0], SECRET, max_new_tokens=12).escalations > 0
+        assert_context_never_sent(proxy.records, runner, PROMPTS[0], SECRET)
+    finally:
+        proxy.close()
+
+
+# --------------------------------------------------------------------------- a real vLLM server
+SERVER_ARGS = ["--dtype", "float32", "--max-logprobs", "-1", "--enable-prefix-caching", "--max-model-len", "512",
+               "--served-model-name", "tiny-large", "--seed", "0"]
+
+
+class RestartableServer:
+    """``vllm serve`` on a fixed loopback port that a test can kill and start again."""
+
+    def __init__(self, model_dir: Path, log_dir: Path):
+        from costeer_processor.vllm_server import free_port
+
+        self.model_dir, self.log_dir = model_dir, log_dir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = None
+        self.starts = 0
+
+    def start(self, timeout=300):
+        from costeer_processor.vllm_server import server_command, server_env, wait_healthy
+
+        self.starts += 1
+        log = self.log_dir / f"vllm_{self.starts}.log"
+        with open(log, "wb") as fh:
+            self.proc = subprocess.Popen(server_command(str(self.model_dir), SERVER_ARGS, port=self.port),
+                                         stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
+                                         env=server_env({"VLLM_CPU_KVCACHE_SPACE": "1"}))
+        wait_healthy(self.url, self.proc, timeout, log)
+
+    def kill(self):
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self):
+        from costeer_processor.vllm_server import stop_process
+
+        if self.proc is not None:
+            stop_process(self.proc)
+
+
+@pytest.fixture(scope="module")
+def vllm_url_server(tiny_pair_dirs, tmp_path_factory):
+    pytest.importorskip("vllm")
+    server = RestartableServer(tiny_pair_dirs[0], tmp_path_factory.mktemp("vllm_logs"))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.mark.vllm
+@pytest.mark.timeout(900)
+def test_vllm_full_vocab_equals_hf_processor(pair, runner, vllm_url_server):
+    refs = [hf_reference(pair, runner, p, c) for p, c in zip(PROMPTS, CONTEXTS)]
+    for lookahead in (1, 4):
+        client = SplitCoSteerClient(vllm_url_server.url, runner, lookahead=lookahead)
+        got = [client.generate(p, c, max_new_tokens=N_NEW).token_ids for p, c in zip(PROMPTS, CONTEXTS)]
+        assert got == refs, f"lookahead={lookahead}"
+        assert [r.token_ids for r in client.generate_batch(PROMPTS, CONTEXTS, max_new_tokens=N_NEW)] == refs
+        client.close()
+    # top-3 log-probs with the certificate: still exact
+    client = SplitCoSteerClient(vllm_url_server.url, runner, top_logprobs=3, lookahead=2)
+    assert [r.token_ids for r in client.generate_batch(PROMPTS, CONTEXTS, max_new_tokens=N_NEW)] == refs
+    # gated: steering stops after 3 confident steps and the server finishes in one stream
+    client = SplitCoSteerClient(vllm_url_server.url, runner, gate_threshold=0.99, lookahead=1)
+    res = client.generate(PROMPTS[0], CONTEXTS[0], max_new_tokens=N_NEW)
+    assert res.handoff_at == 3
+    assert res.token_ids == hf_reference(pair, runner, PROMPTS[0], CONTEXTS[0], gate_threshold=0.99)
+
+
+@pytest.mark.vllm
+@pytest.mark.timeout(900)
+def test_vllm_topk_mode_runs(runner, vllm_url_server):
+    client = SplitCoSteerClient(vllm_url_server.url, runner, top_logprobs=5, lookahead=2)
+    res = client.generate(PROMPTS[1], CONTEXTS[1], max_new_tokens=N_NEW)
+    assert len(res.token_ids) == N_NEW or res.finish_reason == "stop"
+
+
+@pytest.mark.vllm
+@pytest.mark.timeout(900)
+def test_vllm_privacy_through_recording_proxy(runner, vllm_url_server):
+    proxy = RecordingProxy(vllm_url_server.url)
+    try:
+        client = SplitCoSteerClient(proxy.url, runner, lookahead=2)
+        client.generate(PROMPTS[0], SECRET, max_new_tokens=N_NEW)
+        certified = SplitCoSteerClient(proxy.url, runner, top_logprobs=2)  # with certificate requests
+        certified.generate(PROMPTS[0], SECRET, max_new_tokens=N_NEW)
+        client.generate_batch(PROMPTS[:2], [SECRET, CONTEXTS[1]], max_new_tokens=8)
+        gated = SplitCoSteerClient(proxy.url, runner, gate_threshold=0.99)  # includes a streaming hand-off
+        "".join(gated.stream(PROMPTS[2], SECRET, max_new_tokens=N_NEW))
+        paths = {p for _, p, _, _ in proxy.records}
+        assert {"/v1/models", "/tokenize", "/v1/completions"} <= paths
+        assert any(b"\"stream\":true" in b for _, _, _, b in proxy.records)
+        for prompt in (PROMPTS[0], PROMPTS[2]):  # the two prompts that went out with the secret context
+            assert_context_never_sent(proxy.records, runner, prompt, SECRET)
+    finally:
+        proxy.close()
+
+
+@pytest.mark.vllm
+@pytest.mark.timeout(900)
+def test_vllm_server_killed_and_restarted_mid_generation(pair, runner, vllm_url_server):
+    """Last in the module: kills the shared server. The generation completes and equals the uninterrupted one."""
+    client = SplitCoSteerClient(vllm_url_server.url, runner, lookahead=1, max_retries=60, backoff=0.2,
+                                backoff_max=3.0, timeout=30)
+    expected = client.generate(PROMPTS[2], CONTEXTS[2], max_new_tokens=N_NEW).token_ids
+    start_count = client.requests_made
+
+    def kill_and_restart():  # after 5 tokens (one request per token at lookahead=1)
+        while client.requests_made < start_count + 5:
+            time.sleep(0.005)
+        vllm_url_server.kill()
+        vllm_url_server.start()
+
+    restarter = threading.Thread(target=kill_and_restart)
+    restarter.start()
+    pieces = list(client.stream(PROMPTS[2], CONTEXTS[2], max_new_tokens=N_NEW))
+    restarter.join()
+    assert vllm_url_server.starts == 2
+    res = client.last_result
+    assert res.retries >= 1
+    assert res.token_ids == expected
+    assert "".join(pieces) == res.text
