@@ -257,7 +257,10 @@ def main(argv=None):
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--ks", type=int, nargs="+", default=[5, 20, 100])
     ap.add_argument("--batch", type=int, default=4, help="batch size for the batched rows")
-    ap.add_argument("--fidelity-lookahead", type=int, default=4)
+    ap.add_argument("--fidelity-lookahead", type=int, default=1)
+    ap.add_argument("--fidelity-batch", type=int, default=1,
+                    help="prompts per request in the fidelity study (vLLM's CPU bf16 kernels are not batch-invariant: "
+                         "compare like with like)")
     ap.add_argument("--rtt-ms", type=float, nargs="*", default=[20.0], help="simulated round-trip times")
     ap.add_argument("--phases", nargs="+", default=["fidelity", "speed", "rtt"])
     ap.add_argument("--configs", nargs="+", default=ALL_CONFIGS, choices=ALL_CONFIGS,
@@ -313,7 +316,7 @@ def main(argv=None):
 
         if "fidelity" in args.phases:
             print(f"fidelity: {args.prompts} prompts x {args.new_tokens} tokens", flush=True)
-            result["fidelity"] = fidelity(url, runner, pairs[:args.prompts], args.ks, args.new_tokens, args.batch,
+            result["fidelity"] = fidelity(url, runner, pairs[:args.prompts], args.ks, args.new_tokens, args.fidelity_batch,
                                           args.fidelity_lookahead, args.reference, args.validate_full)
 
         speed_pairs = pairs[:args.speed_prompts]
