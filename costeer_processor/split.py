@@ -133,6 +133,7 @@ class _Seq:
     generated: list[int] = field(default_factory=list)
     steering: bool = True
     streak: int = 0
+    lookahead: int = 1  # proposals to ask for next round (adaptive)
     done: bool = False
     finish_reason: Optional[str] = None
     round_trips: int = 0
@@ -291,7 +292,10 @@ class SplitCoSteerClient:
             the server needs ``--max-logprobs -1``); an integer ``k`` asks for the top ``k`` only
             and steers over those candidates (every other id is impossible), which is much less
             traffic on a 150k-token vocabulary.
-        lookahead: tokens the server proposes per round trip (``>= 1``); see the module docstring.
+        lookahead: most tokens the server proposes per round trip (``>= 1``); see the module docstring.
+        adaptive_lookahead: start at 2 proposals, double while all are accepted, fall back to just
+            past the last accepted one otherwise (proposals steering rejects are wasted server work).
+            ``False`` always asks for ``lookahead``.
         gate_threshold, gate_patience: AdaCoSteer gating (off by default, like the in-process
             processor; ``gate_threshold=0.1`` is the release's value). A gated request is finished
             by the server in one streaming request.
@@ -346,6 +350,7 @@ class SplitCoSteerClient:
         overlap: bool = True,
         certify: bool = True,
         certify_levels: Sequence[int] = (1000, -1),
+        adaptive_lookahead: bool = True,
     ):
         if not isinstance(runner, SmallModelRunner):
             raise TypeError(f"runner must be a SmallModelRunner, got {type(runner).__name__}")
@@ -382,6 +387,7 @@ class SplitCoSteerClient:
         self.verify_tokenizer = verify_tokenizer
         self.cache_salt = cache_salt
         self.overlap = bool(overlap)
+        self.adaptive_lookahead = bool(adaptive_lookahead)
         self.certify = bool(certify)
         self.certify_levels = tuple(int(x) for x in certify_levels)
         if any(x < 1 and x != -1 for x in self.certify_levels):
@@ -540,7 +546,8 @@ class SplitCoSteerClient:
         for i, (with_ids, without_ids) in enumerate(branches):
             # The large model's prompt is exactly the small model's without-context branch: the
             # chat-templated public prompt (same tokenizer). The with-context ids never leave this device.
-            seq = _Seq(i, ("split", id(self), next(self._keys)), list(without_ids), max_new_tokens)
+            seq = _Seq(i, ("split", id(self), next(self._keys)), list(without_ids), max_new_tokens,
+                       lookahead=min(2, self.lookahead) if self.adaptive_lookahead else self.lookahead)
             if self.max_model_len is not None and len(seq.prompt_ids) >= self.max_model_len:
                 raise SplitModeError(f"prompt {i} is {len(seq.prompt_ids)} tokens; the server's max_model_len is "
                                      f"{self.max_model_len}")
@@ -603,7 +610,7 @@ class SplitCoSteerClient:
 
     # one round trip: up to `lookahead` tokens for every live sequence
     def _round(self, live: list[_Seq], sampling: _Sampling) -> Iterator[tuple[int, int]]:
-        m = max(1, min([self.lookahead] + [self._room(s) for s in live]))
+        m = max(1, min([max(s.lookahead for s in live)] + [self._room(s) for s in live]))
         prompts = [s.prompt_ids + s.generated for s in live]
         body: dict[str, Any] = {
             "model": self.model,
@@ -639,6 +646,7 @@ class SplitCoSteerClient:
 
         verifying = list(range(len(live)))
         z_rows = {j: r for r, j in enumerate(verifying)}
+        matched = [0] * len(live)
         for i in range(m):
             rows = [j for j in verifying if i < len(proposals[j]) and not live[j].done]
             if not rows:
@@ -694,8 +702,13 @@ class SplitCoSteerClient:
                             yield s.index, guess
                     continue
                 if matches:
+                    matched[j] += 1
                     next_verifying.append(j)
             verifying = next_verifying
+        for j, s in enumerate(live):
+            # Adaptive look-ahead: double it while every proposal is taken, else just past the last match.
+            if self.adaptive_lookahead:
+                s.lookahead = min(self.lookahead, 2 * s.lookahead if matched[j] >= m else matched[j] + 1)
 
     def _uncertain(self, large: torch.Tensor, dicts: Sequence[dict], zw: torch.Tensor, zo: torch.Tensor,
                    gated: torch.Tensor) -> dict[int, list[int]]:
