@@ -233,15 +233,19 @@ def server_alone_speed(url, model, prompt_ids, new_tokens):
 SPLIT_CONFIGS = {  # name: (label, client options, batched?)
     "full-la1-nooverlap": ("split full vocab, look-ahead 1, no overlap", dict(lookahead=1, overlap=False), False),
     "full-la1": ("split full vocab, look-ahead 1", dict(lookahead=1), False),
-    "full-la4": ("split full vocab, look-ahead 4", dict(lookahead=4), False),
-    "full-la4-batch": ("split full vocab, look-ahead 4, batch {b}", dict(lookahead=4), True),
+    "full-la4": ("split full vocab, look-ahead <=4 (adaptive)", dict(lookahead=4), False),
+    "full-la4-fixed": ("split full vocab, look-ahead 4 (fixed)", dict(lookahead=4, adaptive_lookahead=False), False),
+    "full-la4-batch": ("split full vocab, look-ahead <=4, batch {b}", dict(lookahead=4), True),
     "top20-la1-nooverlap": ("split top-20+cert, look-ahead 1, no overlap",
                             dict(lookahead=1, top_logprobs=20, overlap=False), False),
     "top20-la1": ("split top-20+cert, look-ahead 1", dict(lookahead=1, top_logprobs=20), False),
-    "top20-la4": ("split top-20+cert, look-ahead 4", dict(lookahead=4, top_logprobs=20), False),
-    "top20-la4-gate": ("split top-20+cert, look-ahead 4, gate 0.1/3",
+    "top20-la4": ("split top-20+cert, look-ahead <=4 (adaptive)", dict(lookahead=4, top_logprobs=20), False),
+    "top20-la4-fixed": ("split top-20+cert, look-ahead 4 (fixed)",
+                        dict(lookahead=4, top_logprobs=20, adaptive_lookahead=False), False),
+    "top100-la4": ("split top-100+cert, look-ahead <=4 (adaptive)", dict(lookahead=4, top_logprobs=100), False),
+    "top20-la4-gate": ("split top-20+cert, look-ahead <=4, gate 0.1/3",
                        dict(lookahead=4, top_logprobs=20, gate_threshold=0.1), False),
-    "top20-la4-batch": ("split top-20+cert, look-ahead 4, batch {b}", dict(lookahead=4, top_logprobs=20), True),
+    "top20-la4-batch": ("split top-20+cert, look-ahead <=4, batch {b}", dict(lookahead=4, top_logprobs=20), True),
 }
 ALL_CONFIGS = ["hf", "hf-gate", "hf-batch", "server-alone", *SPLIT_CONFIGS]
 
@@ -293,7 +297,9 @@ def main(argv=None):
     pairs = load_prompts(max(args.prompts, args.speed_prompts))
     result = {"machine": f"{platform.machine()} {os.cpu_count()} cores", "large": str(large_dir),
               "small": str(small_dir), "dtype": dtype, "new_tokens": args.new_tokens, "threads": args.threads,
-              "load_average_start": os.getloadavg()}
+              "load_average_start": os.getloadavg(),
+              "command": "python benchmarks/bench_split.py " + " ".join(sys.argv[1:] if argv is None else argv),
+              "fidelity_prompts": args.prompts if "fidelity" in args.phases else 0}
 
     import contextlib
 
@@ -376,7 +382,10 @@ def main(argv=None):
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / f"bench_split_{tag}.json").write_text(json.dumps(result, indent=2))
-    md = [f"# bench_split ({tag}, {dtype}, {result['machine']}, {args.new_tokens} new tokens)", ""]
+    md = [f"# bench_split ({tag}, {dtype}, {result['machine']}, {args.new_tokens} new tokens)", "",
+          f"`{result['command']}`", ""]
+    if "fidelity" in result:
+        md += [f"Fidelity over {args.prompts} prompts (greedy).", ""]
     if "fidelity" in result:
         md += ["| mode | k | exact match | mean matched-prefix fraction | extra requests / token | seconds |",
                "|---|---|---|---|---|---|"]

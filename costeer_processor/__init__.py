@@ -11,7 +11,7 @@ The update lives in :mod:`costeer_processor.core`; adapters: :mod:`costeer_proce
 
 from .core import CoSteerConfig, costeer_gain, ftrl_reference, steer
 from .small_model import ContextSplicer, ContextTooLongError, SmallModelRunner
-from .vocab import VocabularyMap
+from .vocab import ChatTemplateInverter, VocabularyMap
 
 __version__ = "0.1.0"
 
@@ -24,4 +24,5 @@ __all__ = [
     "ContextSplicer",
     "ContextTooLongError",
     "VocabularyMap",
+    "ChatTemplateInverter",
 ]

@@ -73,7 +73,8 @@ def _positive_int(name: str):
     return parse
 
 
-def _float(name: str, low: Optional[float] = None, high: Optional[float] = None, low_open: bool = False):
+def _float(name: str, low: Optional[float] = None, high: Optional[float] = None, low_open: bool = False,
+           high_open: bool = False):
     def parse(text: str) -> float:
         try:
             value = float(text)
@@ -83,8 +84,8 @@ def _float(name: str, low: Optional[float] = None, high: Optional[float] = None,
             raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
         if low is not None and (value < low or (low_open and value == low)):
             raise argparse.ArgumentTypeError(f"must be {'>' if low_open else '>='} {low:g}, got {value:g}")
-        if high is not None and value > high:
-            raise argparse.ArgumentTypeError(f"must be <= {high:g}, got {value:g}")
+        if high is not None and (value > high or (high_open and value == high)):
+            raise argparse.ArgumentTypeError(f"must be {'<' if high_open else '<='} {high:g}, got {value:g}")
         return value
     parse.__name__ = name
     return parse
@@ -109,7 +110,11 @@ def _add_steering_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--strength", type=_float("--strength"), default=None,
                    help="the closed-form gain g itself, overriding the five above (1 = proxy-tuning, 0 = off)")
     g.add_argument("--eos-guard", type=_float("--eos-guard", 0.0, 1.0, low_open=True), default=None,
-                   help="stop a row when the large model's EOS probability exceeds this (e.g. 0.5; hf backend)")
+                   help="stop a row when the large model's EOS probability exceeds this (e.g. 0.5)")
+    g.add_argument("--gate-threshold", type=_float("--gate-threshold", 0.0, 1.0, low_open=True, high_open=True),
+                   default=None, help="AdaCoSteer gating: stop steering a row after --gate-patience steps in a row "
+                                      "with 1 - max p < this (the release uses 0.1; off by default)")
+    g.add_argument("--gate-patience", type=_positive_int("--gate-patience"), default=3, help="default 3")
     d = p.add_argument_group("decoding")
     d.add_argument("--max-new-tokens", type=_positive_int("--max-new-tokens"), default=256)
     d.add_argument("--temperature", type=_float("--temperature", 0.0), default=0.0, help="0 = greedy (default)")
@@ -130,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="steered generation for one prompt or a JSONL file",
                        description="Prints the steered answer (streamed), or writes a JSONL file in batch mode.")
     g.add_argument("--large", help="the large (cloud) model: a preset (see 'costeer models list'), a local "
-                                   "transformers folder or a hub id (not needed with --server)")
+                                   "transformers folder or a hub id (with --server: optional, only its tokenizer is read, for a "
+                                   "served model of another family than the small one)")
     g.add_argument("--small", help="the small (on-device) model holding the context (same kinds of names)")
     g.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="weights dtype (default bfloat16)")
     src = g.add_mutually_exclusive_group()
@@ -313,6 +319,11 @@ class HFEngine:
         self.large_tok = load_tokenizer(large_dir)
         self.large_splicer = ContextSplicer(self.large_tok, context_position)
         self.large_model = self._load(large_dir) if load_large else None
+        # Different families: steer on the tokens both vocabularies share (the release's "map" variant).
+        from .vocab import VocabularyMap
+
+        vmap = VocabularyMap.for_pair(self.large_tok, self.small_tok)
+        self.vocab_map = None if vmap.identical else vmap
 
     def _load(self, path: Path):
         from .models import load_model
@@ -349,6 +360,7 @@ class HFEngine:
 
     def run(self, mode: str, prompts: Sequence[str], contexts: Sequence[Optional[str]], config, *,
             max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, eos_guard: Optional[float] = None,
+            gate_threshold: Optional[float] = None, gate_patience: int = 3,
             stream: bool = False, seed: int = 0) -> RunResult:
         import torch
         from transformers import LogitsProcessorList, TextStreamer
@@ -372,7 +384,8 @@ class HFEngine:
         if mode == "costeer":
             try:
                 processors.append(CoSteerLogitsProcessor(self.runner, list(prompts), list(contexts), config,
-                                                         eos_guard=eos_guard))
+                                                         eos_guard=eos_guard, vocab_map=self.vocab_map,
+                                                         gate_threshold=gate_threshold, gate_patience=gate_patience))
             except ContextTooLongError as e:
                 raise CoSteerModelError(str(e)) from None
         enc = tok(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False).to(
@@ -475,8 +488,22 @@ def _resolve_pair(args, need_small: bool = True) -> tuple[Path, Path]:
     progress = not getattr(args, "quiet", False)
     large_dir = resolve_model(args.large, args.dtype, progress=progress)
     small_dir = resolve_model(args.small, args.dtype, progress=progress)
-    check_same_tokenizer(large_dir, small_dir)
+    _note_tokenizers(args, large_dir, small_dir)
     return large_dir, small_dir
+
+
+def _note_tokenizers(args, large_dir: Path, small_dir: Path) -> None:
+    """Says when the two models tokenize differently (CoSteer then steers on the shared tokens)."""
+    try:
+        check_same_tokenizer(large_dir, small_dir)
+    except CoSteerModelError:
+        from .models import load_tokenizer
+        from .vocab import VocabularyMap
+
+        large_tok, small_tok = load_tokenizer(large_dir), load_tokenizer(small_dir)
+        vmap = VocabularyMap.for_pair(large_tok, small_tok)
+        _say(args, f"different tokenizers ({len(large_tok)} vs {len(small_tok)} tokens): CoSteer steers on the "
+                   f"{vmap.size} tokens both vocabularies share")
 
 
 def _generate_hf(args, rows: list[dict], config) -> int:
@@ -496,7 +523,8 @@ def _generate_hf(args, rows: list[dict], config) -> int:
         engine.load_large()
     _say(args, f"models loaded in {time.perf_counter() - t0:.1f} s (large {large_dir}, small {small_dir}, {args.dtype})")
     common = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                  eos_guard=args.eos_guard, seed=args.seed)
+                  eos_guard=args.eos_guard, gate_threshold=args.gate_threshold, gate_patience=args.gate_patience,
+                  seed=args.seed)
 
     if args.input is None:
         res = engine.run(args.mode, prompts, contexts, config, stream=True, **common)
@@ -558,6 +586,8 @@ def _generate_vllm(args, rows: list[dict], config) -> int:
             extra = {"costeer_context": r["_context"], "costeer_strength": gain}
             if args.eos_guard is not None:
                 extra["costeer_eos_guard"] = args.eos_guard
+            if args.gate_threshold is not None:
+                extra.update(costeer_gate_threshold=args.gate_threshold, costeer_gate_patience=args.gate_patience)
         if args.mode in ("large", "costeer"):
             text = splicer.render(r["_prompt"])
         elif args.mode == "large-context":
@@ -618,11 +648,17 @@ def _generate_split(args, rows: list[dict], config) -> int:
     small_dir = resolve_model(args.small, args.dtype, progress=not args.quiet)
     t0 = time.perf_counter()
     runner = split.load_runner(small_dir, dtype=args.dtype, context_position=args.context_position)
+    large_tokenizer = None
+    if args.large:  # the served model's tokenizer, for a pair of different families
+        from .models import load_tokenizer
+
+        large_tokenizer = load_tokenizer(resolve_model(args.large, args.dtype, progress=not args.quiet))
     _say(args, f"small model loaded in {time.perf_counter() - t0:.1f} s ({small_dir}); large model: {args.server}")
     if args.retries < 0:
         raise UsageError("--retries must be >= 0")
     client_kw = dict(top_logprobs=args.top_logprobs, lookahead=args.lookahead, eos_guard=args.eos_guard,
-                     max_retries=args.retries)
+                     max_retries=args.retries, large_tokenizer=large_tokenizer,
+                     gate_threshold=args.gate_threshold, gate_patience=args.gate_patience)
     sampling = dict(temperature=args.temperature, top_p=args.top_p,
                     seed=args.seed if args.temperature > 0 else None)
     try:
@@ -718,7 +754,7 @@ def cmd_demo(args) -> int:
         t0 = time.perf_counter()
         large_dir = resolve_model(args.large, dtype)
         small_dir = resolve_model(args.small, dtype)
-        check_same_tokenizer(large_dir, small_dir)
+        _note_tokenizers(args, large_dir, small_dir)
         _say(args, f"models ready in {time.perf_counter() - t0:.0f} s: {large_dir} | {small_dir}")
     t0 = time.perf_counter()
     engine = HFEngine(large_dir, small_dir, dtype, args.context_position, device=_device(args))
@@ -737,6 +773,7 @@ def cmd_demo(args) -> int:
                    f"max {args.max_new_tokens} new tokens) ...")
         results[mode] = engine.run(mode, prompts, contexts, config, max_new_tokens=args.max_new_tokens,
                                    temperature=args.temperature, top_p=args.top_p, eos_guard=args.eos_guard,
+                                   gate_threshold=args.gate_threshold, gate_patience=args.gate_patience,
                                    seed=args.seed)
     _print_demo(args, results, large_dir, small_dir, dtype, load_s, config, (load_before, _load_average()))
     return 0
@@ -813,7 +850,7 @@ def serve_command(args) -> tuple[list[str], dict]:
     else:
         small_dir = where(args.small)
         if not args.dry_run:
-            check_same_tokenizer(large_dir, small_dir)
+            _note_tokenizers(args, large_dir, small_dir)
         costeer = {"small_model": str(small_dir), "dtype": args.dtype}
         cmd = server_command(str(large_dir), [*common, "--logits-processors", VLLM_PROCESSOR,
                                               "--additional-config", json.dumps({"costeer": costeer}), *extra],

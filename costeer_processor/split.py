@@ -60,7 +60,8 @@ from urllib.parse import urlsplit
 import torch
 
 from .core import CoSteerConfig, costeer_gain, force_eos, steer, update_confidence_streak
-from .small_model import PromptLike, SmallModelRunner
+from .small_model import ContextSplicer, PromptLike, SmallModelRunner
+from .vocab import VocabularyMap
 
 __all__ = [
     "SplitCoSteerClient",
@@ -285,7 +286,8 @@ class SplitCoSteerClient:
     Args:
         base_url: the server, e.g. ``http://10.0.0.5:8000`` (a trailing ``/v1`` is accepted).
         runner: the local :class:`~costeer_processor.SmallModelRunner` (small model + its tokenizer,
-            which must be the served model's tokenizer; checked on first use).
+            which must be the served model's tokenizer unless ``large_tokenizer`` is given; checked
+            on first use).
         model: the served model name; ``None`` takes the server's first (only) model.
         config: :class:`~costeer_processor.CoSteerConfig` (official defaults).
         top_logprobs: ``None`` asks for the full vocabulary of log-probs each step (exact CoSteer;
@@ -293,6 +295,12 @@ class SplitCoSteerClient:
             and steers over those candidates (every other id is impossible), which is much less
             traffic on a 150k-token vocabulary.
         lookahead: most tokens the server proposes per round trip (``>= 1``); see the module docstring.
+        large_tokenizer: the served model's tokenizer (a transformers tokenizer or a local folder)
+            when it differs from the small model's: steering then runs on the intersection of the
+            two vocabularies (:class:`~costeer_processor.VocabularyMap`, the release's "map"
+            variant), prompts go to the server in the large model's chat template, and the
+            generated ids are mapped back to advance the small model. Tokenizers are public:
+            nothing about the context is involved.
         adaptive_lookahead: start at 2 proposals, double while all are accepted, fall back to just
             past the last accepted one otherwise (proposals steering rejects are wasted server work).
             ``False`` always asks for ``lookahead``.
@@ -351,6 +359,7 @@ class SplitCoSteerClient:
         certify: bool = True,
         certify_levels: Sequence[int] = (1000, -1),
         adaptive_lookahead: bool = True,
+        large_tokenizer: Any = None,
     ):
         if not isinstance(runner, SmallModelRunner):
             raise TypeError(f"runner must be a SmallModelRunner, got {type(runner).__name__}")
@@ -370,7 +379,24 @@ class SplitCoSteerClient:
         if max_retries < 0 or backoff < 0 or backoff_max < 0 or timeout <= 0:
             raise ValueError("max_retries, backoff and backoff_max must be >= 0 and timeout > 0")
         self.runner = runner
-        self.tokenizer = runner.tokenizer
+        self.vocab_map: Optional[VocabularyMap] = None
+        self.tokenizer = runner.tokenizer  # the served model's tokenizer: ids on the wire, decoding
+        self._large_splicer = runner.splicer
+        if large_tokenizer is not None:
+            if isinstance(large_tokenizer, (str, Path)):
+                from transformers import AutoTokenizer
+
+                large_tokenizer = AutoTokenizer.from_pretrained(str(large_tokenizer))
+            if not hasattr(large_tokenizer, "get_vocab"):
+                raise TypeError(f"large_tokenizer must be a transformers tokenizer or a folder, got "
+                                f"{type(large_tokenizer).__name__}")
+            vmap = VocabularyMap.for_pair(large_tokenizer, runner.tokenizer)
+            if not vmap.identical:
+                self.vocab_map = vmap
+                self.tokenizer = large_tokenizer
+                self._large_splicer = ContextSplicer(large_tokenizer, system_prompt=runner.splicer.system_prompt)
+                logger.info("split mode: different tokenizers (large %d tokens, small %d): steering on the %d "
+                            "tokens they share", len(large_tokenizer), len(runner.tokenizer), vmap.size)
         self.config = config
         self.gain = costeer_gain(config)
         self.top_logprobs = top_logprobs
@@ -401,8 +427,13 @@ class SplitCoSteerClient:
         self.model = model
         self.max_model_len: Optional[int] = None
         self._ready = False
-        self._n_tokens = len(self.tokenizer)  # ids at or above this are not tokens of our tokenizer
-        self._width = max(int(runner.vocab_size), self._n_tokens)
+        self._n_tokens = len(self.tokenizer)  # ids at or above this are not tokens of the served tokenizer
+        if self.vocab_map is None:
+            self._width = max(int(runner.vocab_size), self._n_tokens)
+            self._steerable = None  # every id
+        else:
+            self._width = max(self.vocab_map.large_vocab_size, self._n_tokens)
+            self._steerable = self.vocab_map.on_map(self._width)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="costeer-split-step")
         self._handoff_pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="costeer-split-handoff")
         self._keys = itertools.count()
@@ -460,8 +491,8 @@ class SplitCoSteerClient:
         self._ready = True
 
     def _check_tokenizer(self) -> None:
-        probe = self.runner.splicer.render(PROBE_TEXT)
-        local = self.runner.encode_text(probe)
+        probe = self._large_splicer.render(PROBE_TEXT)
+        local = self._encode_large(probe)
         try:
             answer = self._retrying("POST /tokenize", lambda: self._http.json(
                 "POST", "/tokenize", {"model": self.model, "prompt": probe, "add_special_tokens": False}))
@@ -477,8 +508,10 @@ class SplitCoSteerClient:
             raise SplitModeError(
                 f"the server's tokenizer differs from the small model's: the probe text is {len(remote)} server "
                 f"tokens vs {len(local)} local ones, first difference at token {first} "
-                f"(server {remote[first:first + 4]}, local {local[first:first + 4]}). Split mode supports only "
-                f"the same-tokenizer case: serve a model of the small model's family ({self.model!r} is not)")
+                f"(server {remote[first:first + 4]}, local {local[first:first + 4]}). "
+                + ("Pass the served model's tokenizer as large_tokenizer (different families are steered on "
+                   "the intersection of the vocabularies)" if self.vocab_map is None else
+                   "The large_tokenizer given is not the served model's"))
         if answer.get("max_model_len"):
             self.max_model_len = int(answer["max_model_len"])
 
@@ -543,10 +576,12 @@ class SplitCoSteerClient:
         branches = [self.runner.encode_branches(p, c) for p, c in zip(prompts, contexts)]  # validates contexts
         self.connect()
         seqs = []
-        for i, (with_ids, without_ids) in enumerate(branches):
-            # The large model's prompt is exactly the small model's without-context branch: the
-            # chat-templated public prompt (same tokenizer). The with-context ids never leave this device.
-            seq = _Seq(i, ("split", id(self), next(self._keys)), list(without_ids), max_new_tokens,
+        for i, ((with_ids, without_ids), prompt) in enumerate(zip(branches, prompts)):
+            # The large model's prompt is the chat-templated public prompt: with one tokenizer exactly
+            # the small model's without-context branch. The with-context ids never leave this device.
+            large_ids = (list(without_ids) if self.vocab_map is None
+                         else self._encode_large(self._large_splicer.render(prompt)))
+            seq = _Seq(i, ("split", id(self), next(self._keys)), large_ids, max_new_tokens,
                        lookahead=min(2, self.lookahead) if self.adaptive_lookahead else self.lookahead)
             if self.max_model_len is not None and len(seq.prompt_ids) >= self.max_model_len:
                 raise SplitModeError(f"prompt {i} is {len(seq.prompt_ids)} tokens; the server's max_model_len is "
@@ -556,6 +591,13 @@ class SplitCoSteerClient:
             self.runner.add(seq.key, with_ids, without_ids)
         self._rng = torch.Generator().manual_seed(seed) if seed is not None else None
         return seqs, _Sampling(float(temperature), float(top_p), seed)
+
+    def _encode_large(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _small_ids(self, generated: list[int]) -> list[int]:
+        """Generated (served-model) ids in the small model's vocabulary: what advances its branches."""
+        return generated if self.vocab_map is None else self.vocab_map.to_small(generated)
 
     def _release(self, seqs: Sequence[_Seq]) -> None:
         for s in seqs:
@@ -634,7 +676,7 @@ class SplitCoSteerClient:
             concurrent.futures.wait([future])
         # Overlap: the small model's step for the same prefix runs while the server works.
         try:
-            z_with, z_without = self.runner.step([(s.key, s.generated) for s in live])
+            z_with, z_without = self.runner.step([(s.key, self._small_ids(s.generated)) for s in live])
         except BaseException:
             future.cancel()
             raise
@@ -652,7 +694,8 @@ class SplitCoSteerClient:
             if not rows:
                 break
             if i > 0:
-                z_with, z_without = self.runner.step([(live[j].key, live[j].generated) for j in rows])
+                z_with, z_without = self.runner.step([(live[j].key, self._small_ids(live[j].generated))
+                                                      for j in rows])
                 z_rows = {j: r for r, j in enumerate(rows)}
             sel = torch.tensor([z_rows[j] for j in rows])
             zw, zo = z_with.index_select(0, sel).float(), z_without.index_select(0, sel).float()
@@ -671,7 +714,10 @@ class SplitCoSteerClient:
                     dicts = self._escalate(need, dicts, [live[j] for j in rows], zw, zo, gated)
                     large = self._logprob_rows(dicts)
             lp, remainder = large[:, :-1], large
-            steered = steer(lp, zw, zo, self.gain)
+            if self.vocab_map is None:
+                steered = steer(lp, zw, zo, self.gain)
+            else:  # on the common tokens; the others are impossible while a row is steered
+                steered = self.vocab_map.steer(lp, zw, zo, self.gain)
             if self.eos_guard is not None:
                 pad = torch.full((steered.shape[0], 1), NEG_INF)
                 steered = force_eos(torch.cat([steered, pad], 1), remainder, self.eos_token_ids,
@@ -720,10 +766,14 @@ class SplitCoSteerClient:
         needed. Returns ``{row: [ids...]}`` (empty when every row is certified).
         """
         lp = large[:, :-1]
+        if self.vocab_map is not None:  # delta on the served model's ids (off the map: impossible)
+            zw, zo = self.vocab_map.lift(zw, lp.shape[1]), self.vocab_map.lift(zo, lp.shape[1])
         width = min(lp.shape[1], zw.shape[1], self._n_tokens)
         delta = torch.log_softmax(zw[:, :width], -1) - torch.log_softmax(zo[:, :width], -1)
         delta = torch.where(torch.isfinite(delta), delta, torch.zeros_like(delta))
-        known = torch.isfinite(lp[:, :width])
+        steerable = torch.ones(width, dtype=torch.bool) if self._steerable is None else self._steerable[:width]
+        returned = torch.isfinite(lp[:, :width])
+        known = returned & steerable
         score = lp[:, :width] + self.gain * delta
         best = score.masked_fill(~known, NEG_INF).amax(-1)
         need = {}
@@ -731,12 +781,12 @@ class SplitCoSteerClient:
             if bool(gated[r]) or not d:
                 continue
             kth = min(d.values())
-            rest = 1.0 - float(torch.exp(lp[r, :width][known[r]].double()).sum())
+            rest = 1.0 - float(torch.exp(lp[r, :width][returned[r]].double()).sum())
             cap_p = min(math.exp(kth), rest)
             if cap_p <= 0.0:
                 continue
             bound = math.log(cap_p) + self.gain * delta[r]
-            ids = ((bound >= best[r]) & ~known[r]).nonzero().flatten().tolist()
+            ids = ((bound >= best[r]) & ~returned[r] & steerable).nonzero().flatten().tolist()
             if ids:
                 need[r] = ids
         return need

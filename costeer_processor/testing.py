@@ -23,6 +23,17 @@ CHATML_TEMPLATE = (
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
+# A second family for the different-tokenizer path: Llama-3-style headers and its own EOS.
+HEADER_TEMPLATE = (
+    "{{ '<|begin_of_text|>' }}"
+    "{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] + '<|eot_id|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+HEADER_SPECIAL_TOKENS = ["<|end_of_text|>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                         "<|eot_id|>"]
+
 CORPUS = """
 You are a helpful assistant. Suggest a dinner recipe for tonight. I am vegan and I love spicy food.
 Write a short story about a dragon who learns to paint. Explain how rainbows form in the sky.
@@ -39,8 +50,16 @@ Numbers one two three four five six seven eight nine ten hundred thousand millio
 """.strip()
 
 
-def build_tiny_tokenizer(vocab_size: int = 512, corpus: str = CORPUS, lowercase: bool = False):
-    """A byte-level BPE tokenizer trained now, with ChatML special tokens and template."""
+def build_tiny_tokenizer(vocab_size: int = 512, corpus: str = CORPUS, lowercase: bool = False,
+                         family: str = "chatml"):
+    """A byte-level BPE tokenizer trained now.
+
+    ``family="chatml"`` (default) has the ChatML special tokens and template of the Qwen models;
+    ``family="header"`` is another family (Llama-3-style header template, ``<|eot_id|>`` as EOS):
+    with another ``vocab_size``/corpus it shares only part of the vocabulary with the default one.
+    """
+    if family not in ("chatml", "header"):
+        raise ValueError(f"family must be 'chatml' or 'header', got {family!r}")
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -49,13 +68,25 @@ def build_tiny_tokenizer(vocab_size: int = 512, corpus: str = CORPUS, lowercase:
         tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+    specials = SPECIAL_TOKENS if family == "chatml" else HEADER_SPECIAL_TOKENS
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator([corpus] * 4, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   bos_token=None, unk_token=None)
-    fast.chat_template = CHATML_TEMPLATE
+    if family == "chatml":
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                       bos_token=None, unk_token=None)
+        fast.chat_template = CHATML_TEMPLATE
+    else:
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|eot_id|>", pad_token="<|end_of_text|>",
+                                       bos_token=None, unk_token=None)
+        fast.chat_template = HEADER_TEMPLATE
     return fast
+
+
+def build_other_tokenizer():
+    """A tokenizer of another family that shares part of :func:`build_tiny_tokenizer`'s vocabulary."""
+    return build_tiny_tokenizer(vocab_size=400, corpus=CORPUS.replace("e", "E") + " " + CORPUS[:300],
+                                family="header")
 
 
 def build_tiny_model(tokenizer, *, hidden_size: int = 64, layers: int = 2, heads: int = 2, kv_heads: int = 1,
@@ -94,19 +125,24 @@ def build_tiny_model(tokenizer, *, hidden_size: int = 64, layers: int = 2, heads
     return model.eval()
 
 
-def save_tiny_pair(root: os.PathLike, *, large_hidden: int = 128, small_hidden: int = 64) -> tuple[Path, Path]:
-    """Writes a large and a small tiny model sharing one tokenizer as transformers folders.
+def save_tiny_pair(root: os.PathLike, *, large_hidden: int = 128, small_hidden: int = 64,
+                   other_small_tokenizer: bool = False) -> tuple[Path, Path]:
+    """Writes a large and a small tiny model as transformers folders.
 
-    Returns ``(large_dir, small_dir)``; both load with ``from_pretrained`` and with vLLM.
+    They share one tokenizer unless ``other_small_tokenizer`` (then the small model gets
+    :func:`build_other_tokenizer`, another family and template). Returns ``(large_dir,
+    small_dir)``; both load with ``from_pretrained`` and with vLLM.
     """
     root = Path(root)
     tokenizer = build_tiny_tokenizer()
+    small_tok = build_other_tokenizer() if other_small_tokenizer else tokenizer
     dirs = []
-    for name, hidden, seed in (("large", large_hidden, 1), ("small", small_hidden, 2)):
+    for name, hidden, seed, tok in (("large", large_hidden, 1, tokenizer),
+                                    ("small_other" if other_small_tokenizer else "small", small_hidden, 2, small_tok)):
         path = root / name
         if not (path / "config.json").exists():
-            model = build_tiny_model(tokenizer, hidden_size=hidden, heads=2, kv_heads=1, seed=seed)
+            model = build_tiny_model(tok, hidden_size=hidden, heads=2, kv_heads=1, seed=seed)
             model.save_pretrained(path)
-            tokenizer.save_pretrained(path)
+            tok.save_pretrained(path)
         dirs.append(path)
     return dirs[0], dirs[1]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -81,18 +81,116 @@ class VocabularyMap:
             raise ValueError(f"large-model token ids {bad[:5]} have no counterpart in the small model's vocabulary")
         return mapped.tolist()
 
+    def lift(self, small_logits: torch.Tensor, width: int) -> torch.Tensor:
+        """Small-model logits ``[n, V_small]`` placed on the large ids ``[n, width]`` (``-inf`` off the map).
+
+        ``steer(large.masked_fill(~on_map, -inf), lift(z_with), lift(z_without), g)`` equals
+        :meth:`steer` (the softmaxes of the lifted rows run over the common tokens only).
+        """
+        large_ids, small_ids = self._aligned(small_logits.device, width)
+        out = torch.full((small_logits.shape[0], width), NEG_INF, dtype=small_logits.dtype,
+                         device=small_logits.device)
+        out[:, large_ids] = small_logits.index_select(1, small_ids)
+        return out
+
+    def on_map(self, width: int, device=None) -> torch.Tensor:
+        """``[width]`` bool: large ids that have a counterpart in the small vocabulary."""
+        mask = torch.zeros(width, dtype=torch.bool, device=device)
+        mask[self._aligned(device, width)[0]] = True
+        return mask
+
+    def _aligned(self, device, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        large_ids, small_ids = self.large_ids.to(device), self.small_ids.to(device)
+        keep = large_ids < width  # large ids are sorted: this is a prefix
+        return large_ids[keep], small_ids[keep]
+
     def steer(self, llm_logits: torch.Tensor, small_with: torch.Tensor, small_without: torch.Tensor,
               gain: GainLike) -> torch.Tensor:
         """:func:`~costeer_processor.steer` on the common tokens; other large ids get ``-inf``."""
         dev = llm_logits.device
-        large_ids, small_ids = self.large_ids.to(dev), self.small_ids.to(dev)
-        large_ids = large_ids[large_ids < llm_logits.shape[1]]
-        small_ids = small_ids[: large_ids.numel()]
+        large_ids, small_ids = self._aligned(dev, llm_logits.shape[1])
         sub = steer(llm_logits.index_select(1, large_ids), small_with.index_select(1, small_ids),
                     small_without.index_select(1, small_ids), gain)
         out = torch.full((llm_logits.shape[0], llm_logits.shape[1]), NEG_INF, dtype=sub.dtype, device=dev)
         out[:, large_ids] = sub
         return out
+
+
+class ChatTemplateInverter:
+    """Recovers the messages behind a prompt that a tokenizer's chat template rendered.
+
+    The vLLM processor sees only the large model's prompt ids. A small model of another family
+    must read the same conversation in *its* template, so the prompt text is parsed back into
+    messages (optional system, then user / assistant turns ending with a user turn and the
+    generation prompt) and rendered again by the small tokenizer. The layout is learned once by
+    rendering sentinel messages; a parse is accepted only if rendering the recovered messages
+    gives back exactly the same text, so a prompt the template did not produce returns ``None``.
+
+    Example::
+
+        >>> inv = ChatTemplateInverter(large_tokenizer)  # doctest: +SKIP
+        >>> inv.parse(large_tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)) == msgs  # doctest: +SKIP
+        True
+    """
+
+    _S, _U1, _A1, _U2 = "QxSYSTEMqz", "QxUSERONEqz", "QxASSISTANTqz", "QxUSERTWOqz"
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.layouts: list[tuple[str, Optional[str]]] = []  # (prefix, system -> first user separator)
+        self.user_to_assistant = self.assistant_to_user = self.end = None
+        try:
+            full = self._render([("system", self._S), ("user", self._U1), ("assistant", self._A1),
+                                 ("user", self._U2)])
+            pre, rest = full.split(self._S)
+            sys_user, rest = rest.split(self._U1)
+            self.user_to_assistant, rest = rest.split(self._A1)
+            self.assistant_to_user, self.end = rest.split(self._U2)
+            self.layouts.append((pre, sys_user))
+            bare_pre, bare_end = self._render([("user", self._U1)]).split(self._U1)
+            if bare_end == self.end and bare_pre != pre:
+                self.layouts.append((bare_pre, None))
+        except Exception:  # no template, or one that drops / reorders turns: cannot invert
+            self.layouts = []
+        if not (self.user_to_assistant and self.assistant_to_user):
+            self.layouts = []
+
+    @property
+    def usable(self) -> bool:
+        return bool(self.layouts)
+
+    def _render(self, turns) -> str:
+        return self.tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in turns], tokenize=False,
+                                                  add_generation_prompt=True)
+
+    def parse(self, text: str) -> Optional[list[dict]]:
+        """The messages that render to ``text``, or ``None``."""
+        for pre, sys_user in self.layouts:
+            if not (text.startswith(pre) and text.endswith(self.end)) or len(text) < len(pre) + len(self.end):
+                continue
+            body = text[len(pre): len(text) - len(self.end)]
+            messages = []
+            if sys_user is not None:
+                system, sep, body = body.partition(sys_user)
+                if not sep:
+                    continue
+                messages.append({"role": "system", "content": system})
+            role = "user"
+            while True:
+                sep = self.user_to_assistant if role == "user" else self.assistant_to_user
+                head, found, body = body.partition(sep)
+                messages.append({"role": role, "content": head})
+                if not found:
+                    break
+                role = "assistant" if role == "user" else "user"
+            if messages[-1]["role"] != "user":
+                continue
+            try:
+                if self._render([(m["role"], m["content"]) for m in messages]) == text:
+                    return messages
+            except Exception:
+                continue
+        return None
 
 
 def _fingerprint(tokenizer) -> str:

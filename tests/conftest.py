@@ -41,3 +41,9 @@ def prompts():
 @pytest.fixture
 def contexts():
     return list(CONTEXTS)
+
+
+@pytest.fixture(scope="session")
+def mixed_pair_dirs(tmp_path_factory):
+    """(large_dir, small_dir) where the small model has another tokenizer family (the mapped path)."""
+    return save_tiny_pair(tmp_path_factory.mktemp("mixed_pair"), other_small_tokenizer=True)

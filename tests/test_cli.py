@@ -101,20 +101,22 @@ def test_input_file_errors(tmp_path, capsys, tiny_pair_dirs):
     assert_user_error(rc, err, "holds no rows")
 
 
-def test_not_a_model_folder_and_tokenizer_mismatch(tmp_path, capsys, tiny_pair_dirs):
-    from costeer_processor.testing import build_tiny_model, build_tiny_tokenizer
-
+def test_not_a_model_folder_and_another_tokenizer_family(tmp_path, capsys, tiny_pair_dirs, mixed_pair_dirs):
     large, small = tiny_pair_dirs
     rc, _, err = run(["generate", "--large", tmp_path, "--small", small, "--prompt", PROMPT, "--context", CONTEXT],
                      capsys)
     assert_user_error(rc, err, "no config.json")
-    tok = build_tiny_tokenizer(vocab_size=300)
-    other = tmp_path / "other"
-    build_tiny_model(tok, hidden_size=32).save_pretrained(other)
-    tok.save_pretrained(other)
-    rc, _, err = run(["generate", "--large", large, "--small", other, "--prompt", PROMPT, "--context", CONTEXT],
-                     capsys)
-    assert_user_error(rc, err, "different tokenizers")
+    # a small model of another family: steered on the shared tokens (the map variant), with gating
+    _, other = mixed_pair_dirs
+    argv = ["generate", "--large", large, "--small", other, "--dtype", "float32", "--prompt", PROMPT,
+            "--context", CONTEXT, "--max-new-tokens", "6"]
+    rc, out, err = run(argv, capsys)
+    assert rc == 0, err
+    assert "tokens both vocabularies share" in err and out.strip()
+    rc, out2, err = run(argv + ["--gate-threshold", "0.99", "--gate-patience", "1"], capsys)
+    assert rc == 0, err
+    rc, _, err = run(argv + ["--gate-threshold", "1"], capsys)
+    assert rc == 2 and "--gate-threshold" in err
 
 
 def test_context_longer_than_the_small_window(capsys, tiny_pair_dirs):

@@ -439,16 +439,22 @@ def test_startup_errors_are_clear(tiny_pair_dirs, costeer, match, monkeypatch):
         CoSteerLogitsProcessor(fake_vllm_config(tiny_pair_dirs[0], costeer), torch.device("cpu"), False)
 
 
-def test_mismatched_tokenizer_is_refused(tiny_pair_dirs, tmp_path):
+def test_mismatched_tokenizer_is_mapped_or_refused(tiny_pair_dirs, tmp_path):
     from costeer_processor.testing import build_tiny_model, build_tiny_tokenizer
     from costeer_processor.vllm import CoSteerLogitsProcessor
 
     other_tok = build_tiny_tokenizer(vocab_size=400)
     build_tiny_model(other_tok).save_pretrained(tmp_path / "other")
     other_tok.save_pretrained(tmp_path / "other")
-    with pytest.raises(ValueError, match="does not match the large model"):
-        CoSteerLogitsProcessor(fake_vllm_config(tiny_pair_dirs[0], {"small_model": str(tmp_path / "other")}),
+    # vocab_map "off" refuses another tokenizer; the default ("auto") steers on the shared tokens
+    with pytest.raises(ValueError, match="does not match the large model.*vocab_map is 'off'"):
+        CoSteerLogitsProcessor(fake_vllm_config(tiny_pair_dirs[0], {"small_model": str(tmp_path / "other"),
+                                                                    "vocab_map": "off"}),
                                torch.device("cpu"), False)
+    proc = CoSteerLogitsProcessor(fake_vllm_config(tiny_pair_dirs[0], {"small_model": str(tmp_path / "other")}),
+                                  torch.device("cpu"), False)
+    assert proc.engine.vocab_map is not None and not proc.engine.vocab_map.identical
+    assert 0 < proc.engine.vocab_map.size <= 400  # a smaller vocabulary on the same corpus: (nearly) a subset
 
 
 def test_env_fallback_and_settings(monkeypatch, tiny_pair_dirs):

@@ -30,6 +30,7 @@ import torch
 
 from ..core import CoSteerConfig, force_eos, gain_from_hyperparameters, steer, top_probability
 from ..small_model import ContextSplicer, SmallModelRunner
+from ..vocab import ChatTemplateInverter, VocabularyMap
 
 try:  # vLLM's logger tree, so messages show up formatted like the engine's own
     from vllm.logger import init_logger
@@ -176,6 +177,11 @@ class EngineSettings:
         context_separator: text between context and user text.
         gate_threshold, gate_patience: AdaCoSteer gating defaults (off unless threshold set).
         eos_guard: default EOS guard threshold (off unless set).
+        vocab_map: ``"auto"`` (default): when the small model's tokenizer differs from the large
+            model's, steer on the intersection of the two vocabularies (the release's "map"
+            variant; the size is logged at startup) and give the small model the conversation in
+            its own chat template; ``"off"``: refuse different tokenizers at startup; ``"on"``:
+            always take the mapped path (for tests: it must equal the plain one on one tokenizer).
     """
 
     small_model: Optional[str] = None
@@ -194,6 +200,7 @@ class EngineSettings:
     gate_threshold: Optional[float] = None
     gate_patience: int = 3
     eos_guard: Optional[float] = None
+    vocab_map: str = "auto"
 
     def __post_init__(self) -> None:
         where = "CoSteer engine settings"
@@ -224,6 +231,14 @@ class EngineSettings:
         set_("gate_threshold", _check_gate_threshold("gate_threshold", self.gate_threshold, allow_off=True))
         set_("gate_patience", _check_patience("gate_patience", self.gate_patience))
         set_("eos_guard", _check_eos_guard("eos_guard", self.eos_guard, allow_off=True))
+        mode = self.vocab_map
+        if isinstance(mode, bool):  # JSON true / false
+            mode = "on" if mode else "off"
+        elif isinstance(mode, str):
+            mode = mode.strip().lower()
+        if mode not in ("auto", "on", "off"):
+            raise ValueError(f"{where}: vocab_map must be 'auto', 'on' or 'off', got {self.vocab_map!r}")
+        set_("vocab_map", mode)
 
     @property
     def default_gain(self) -> float:
@@ -414,6 +429,17 @@ def load_tokenizer(path: os.PathLike | str, **kwargs):
     return AutoTokenizer.from_pretrained(str(path), **kwargs)
 
 
+def vocabulary_map_for(settings: EngineSettings, large_tok, small_tok, large_name: str,
+                       small_name: str) -> Optional[VocabularyMap]:
+    """The id map the settings ask for (``None``: one shared tokenizer, the plain path)."""
+    same = large_tok.get_vocab() == small_tok.get_vocab()
+    if settings.vocab_map == "off" or (same and settings.vocab_map == "auto"):
+        if not same:
+            check_same_tokenizer(large_tok, small_tok, large_name, small_name)
+        return None
+    return VocabularyMap.for_pair(large_tok, small_tok)
+
+
 def check_same_tokenizer(large_tok, small_tok, large_name: str, small_name: str) -> None:
     """Refuses a small model whose vocabulary differs from the large model's (id by id)."""
     large_vocab, small_vocab = large_tok.get_vocab(), small_tok.get_vocab()
@@ -424,8 +450,9 @@ def check_same_tokenizer(large_tok, small_tok, large_name: str, small_name: str)
     moved = [t for t in large_vocab if t in small_vocab and large_vocab[t] != small_vocab[t]][:3]
     raise ValueError(
         f"CoSteer: the small model's tokenizer ({small_name}, {len(small_vocab)} tokens) does not match the "
-        f"large model's ({large_name}, {len(large_vocab)} tokens); the vLLM processor needs one shared "
-        f"tokenizer. Examples: only in large {only_large}, only in small {only_small}, different ids {moved}")
+        f"large model's ({large_name}, {len(large_vocab)} tokens) and vocab_map is 'off'; set it to 'auto' to "
+        f"steer on the intersection of the vocabularies. Examples: only in large {only_large}, only in small "
+        f"{only_small}, different ids {moved}")
 
 
 def max_context_tokens_for(settings: EngineSettings, small_config: Any) -> int:
@@ -451,8 +478,34 @@ class BranchBuilder:
 
 
 def prompt_text(tokenizer, prompt_ids: Sequence[int]) -> str:
-    """The large model's prompt ids back to text (special tokens kept): the small model's input."""
+    """The large model's prompt ids back to text (special tokens kept)."""
     return tokenizer.decode(list(prompt_ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+class PromptBridge:
+    """The large model's prompt ids -> the text the small model reads.
+
+    One tokenizer: the decoded text as it is. Different families: the conversation is recovered
+    from the large model's chat template (:class:`~costeer_processor.vocab.ChatTemplateInverter`)
+    and rendered with the small model's own template; a prompt that no template produced (raw
+    completion text) goes over as text.
+    """
+
+    def __init__(self, large_tokenizer, small_splicer: ContextSplicer, translate: bool):
+        self.large_tokenizer = large_tokenizer
+        self.small_splicer = small_splicer
+        self.inverter = ChatTemplateInverter(large_tokenizer) if translate else None
+
+    def __call__(self, prompt_ids: Sequence[int]) -> str:
+        text = prompt_text(self.large_tokenizer, prompt_ids)
+        if self.inverter is None or not self.inverter.usable:
+            return text
+        messages = self.inverter.parse(text)
+        small_tok = self.small_splicer.tokenizer
+        if messages is None or getattr(small_tok, "chat_template", None) is None:
+            return text
+        # exactly the recovered messages (no default system prompt added: the large model had none)
+        return small_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -469,11 +522,14 @@ class _FrontendChecker:
         self.builder = BranchBuilder(small_tok, settings,
                                      max_context_tokens_for(settings, AutoConfig.from_pretrained(str(path))))
         self.large_tok = load_tokenizer(large_tokenizer_path, **tok_kwargs) if large_tokenizer_path else small_tok
+        translate = settings.vocab_map == "on" or (settings.vocab_map == "auto"
+                                                   and self.large_tok.get_vocab() != small_tok.get_vocab())
+        self.bridge = PromptBridge(self.large_tok, self.builder.splicer, translate)
         self._lock = threading.Lock()  # the server may validate from several threads; fast tokenizers are not re-entrant
 
     def check(self, context: str, prompt_ids: Optional[Sequence[int]]) -> None:
         with self._lock:
-            text = prompt_text(self.large_tok, prompt_ids) if prompt_ids is not None else ""
+            text = self.bridge(prompt_ids) if prompt_ids is not None else ""
             try:
                 self.builder.branch_ids_from_text(text, context)
             except ValueError as e:
@@ -603,15 +659,18 @@ class SteeringEngine:
         large_tokenizer: the large model's tokenizer (decodes prompt ids).
         runner: a :class:`~costeer_processor.SmallModelRunner` over the small model.
         eos_token_ids: ids that end a sequence (for the EOS guard).
+        vocab_map: the id map when the two tokenizers differ (``None``: one shared tokenizer).
     """
 
     PARK_LIMIT = 4096
 
     def __init__(self, settings: EngineSettings, large_tokenizer, runner: SmallModelRunner,
-                 eos_token_ids: Sequence[int]):
+                 eos_token_ids: Sequence[int], vocab_map: Optional[VocabularyMap] = None):
         self.settings = settings
         self.large_tokenizer = large_tokenizer
         self.runner = runner
+        self.vocab_map = vocab_map
+        self.bridge = PromptBridge(large_tokenizer, runner.splicer, translate=vocab_map is not None)
         self.eos_token_ids = sorted({int(t) for t in eos_token_ids if t is not None})
         self.threads = settings.threads
         # Gated / partly-gated requests that left the batch (preempted or unscheduled): their
@@ -638,7 +697,7 @@ class SteeringEngine:
             tok_kwargs["revision"] = mc.tokenizer_revision
         large_tok = load_tokenizer(mc.tokenizer, **tok_kwargs)
         small_tok = load_tokenizer(path)
-        check_same_tokenizer(large_tok, small_tok, str(mc.tokenizer), str(path))
+        vmap = vocabulary_map_for(settings, large_tok, small_tok, str(mc.tokenizer), str(path))
         dtype = torch_dtype(settings.dtype, getattr(mc, "dtype", None))
         dev = torch.device(settings.device) if settings.device else torch.device(device)
         with torch_threads(settings.threads):
@@ -660,7 +719,13 @@ class SteeringEngine:
         logger.info("CoSteer: small model %s (%s, %s, %d params), default gain %.6g, context %s, "
                     "max %d context tokens", path, dtype, dev, sum(p.numel() for p in model.parameters()),
                     settings.default_gain, settings.context_position, runner.max_context_tokens)
-        return cls(settings, large_tok, runner, eos)
+        if vmap is not None:
+            inverter = ChatTemplateInverter(large_tok)
+            logger.info("CoSteer: different tokenizers (large %d tokens, small %d): steering on the %d tokens "
+                        "they share; the small model reads prompts in %s", len(large_tok), len(small_tok),
+                        vmap.size, "its own chat template" if inverter.usable
+                        else "the large model's template (it could not be inverted)")
+        return cls(settings, large_tok, runner, eos, vmap)
 
     # ------------------------------------------------------------------ requests
     def open(self, params: Any, prompt_ids: Optional[Sequence[int]] = None) -> Optional[Handle]:
@@ -689,8 +754,7 @@ class SteeringEngine:
 
     def set_prompt(self, handle: Handle, prompt_ids: Sequence[int]) -> None:
         try:
-            handle.branches = self.runner.branch_ids_from_text(
-                prompt_text(self.large_tokenizer, prompt_ids), handle.args.context)
+            handle.branches = self.runner.branch_ids_from_text(self.bridge(prompt_ids), handle.args.context)
         except ValueError as e:
             logger.warning("CoSteer: request left unsteered: %s", e)
             handle.active = False
@@ -750,7 +814,7 @@ class SteeringEngine:
                     self._switch_off(h)
 
         bad_rows = (torch.isnan(large) | torch.isposinf(large)).any(dim=-1).tolist()
-        keep = []
+        keep, small_outputs = [], []
         for j, (r, h, out) in enumerate(live):
             if not h.active:
                 continue
@@ -762,7 +826,15 @@ class SteeringEngine:
                 self._warn_once("placeholder", "CoSteer: output ids still hold -1 placeholders (async "
                                 "scheduling); the row is left unsteered for that step (logged once)")
                 continue
+            if self.vocab_map is not None:
+                try:
+                    out = self.vocab_map.to_small(out)
+                except ValueError as e:  # an unsteered step chose a token the small model lacks
+                    self._warn_once(f"unmapped:{h.key}", "CoSteer: request switched off: %s", e)
+                    self._switch_off(h)
+                    continue
             keep.append(j)
+            small_outputs.append(out)
         if not keep:
             return logits
         chosen = [live[j] for j in keep]
@@ -772,7 +844,7 @@ class SteeringEngine:
                     self.runner.add(h.key, *h.branches)
                     h.in_runner = True
             with torch_threads(self.threads):
-                z_with, z_without = self.runner.step([(h.key, out) for _, h, out in chosen])
+                z_with, z_without = self.runner.step([(h.key, out) for (_, h, _), out in zip(chosen, small_outputs)])
         except Exception:
             logger.exception("CoSteer: the small model failed; the %d request(s) of this step continue "
                              "unsteered", len(chosen))
@@ -783,7 +855,8 @@ class SteeringEngine:
         sub_index = torch.tensor(keep, device=dev, dtype=torch.long)
         large_kept = large.index_select(0, sub_index) if len(keep) != len(live) else large
         gains = torch.tensor([h.args.gain for _, h, _ in chosen], dtype=torch.float32, device=dev)
-        steered = steer(large_kept, z_with.to(dev), z_without.to(dev), gains)
+        steer_fn = self.vocab_map.steer if self.vocab_map is not None else steer
+        steered = steer_fn(large_kept, z_with.to(dev), z_without.to(dev), gains)
         guards = {h.args.eos_guard for _, h, _ in chosen if h.args.eos_guard is not None}
         for thr in guards:
             sel = [i for i, (_, h, _) in enumerate(chosen) if h.args.eos_guard == thr]
