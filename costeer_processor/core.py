@@ -244,6 +244,19 @@ def ftrl_reference(
     return _pad_to_large_width(p.float(), llm_logits.shape[1])
 
 
+def check_variants(gate_threshold: Optional[float], gate_patience: int, eos_guard: Optional[float]) -> None:
+    """Validates the AdaCoSteer gate and the EOS guard (shared by the HF processor and split mode)."""
+    def number(v) -> bool:
+        return not isinstance(v, bool) and isinstance(v, (int, float))
+
+    if gate_threshold is not None and not (number(gate_threshold) and 0.0 < gate_threshold < 1.0):
+        raise ValueError(f"gate_threshold must be a number in (0, 1), got {gate_threshold!r}")
+    if isinstance(gate_patience, bool) or not isinstance(gate_patience, int) or gate_patience < 1:
+        raise ValueError(f"gate_patience must be an integer >= 1, got {gate_patience!r}")
+    if eos_guard is not None and not (number(eos_guard) and 0.0 < eos_guard <= 1.0):
+        raise ValueError(f"eos_guard must be a number in (0, 1], got {eos_guard!r}")
+
+
 def top_probability(llm_logits: torch.Tensor) -> torch.Tensor:
     """``max softmax(z_L)`` per row (AdaCoSteer's confidence is ``1 - this``)."""
     return torch.softmax(llm_logits.float(), dim=-1).amax(dim=-1)

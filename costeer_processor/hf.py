@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 import torch
 from transformers import LogitsProcessor
 
-from .core import CoSteerConfig, costeer_gain, force_eos, steer, update_confidence_streak
+from .core import CoSteerConfig, check_variants, costeer_gain, force_eos, steer, update_confidence_streak
 from .small_model import PromptLike, SmallModelRunner
 from .vocab import VocabularyMap
 
@@ -83,12 +83,7 @@ class CoSteerLogitsProcessor(LogitsProcessor):
             raise TypeError(f"runner must be a SmallModelRunner, got {type(runner).__name__}")
         if not isinstance(config, CoSteerConfig):
             raise TypeError(f"config must be a CoSteerConfig, got {type(config).__name__}")
-        if gate_threshold is not None and not (0.0 < float(gate_threshold) < 1.0):
-            raise ValueError(f"gate_threshold must be in (0, 1), got {gate_threshold}")
-        if isinstance(gate_patience, bool) or not isinstance(gate_patience, int) or gate_patience < 1:
-            raise ValueError(f"gate_patience must be an integer >= 1, got {gate_patience!r}")
-        if eos_guard is not None and not (0.0 < float(eos_guard) <= 1.0):
-            raise ValueError(f"eos_guard must be in (0, 1], got {eos_guard}")
+        check_variants(gate_threshold, gate_patience, eos_guard)
         self.runner = runner
         self.config = config
         self.gain = costeer_gain(config)

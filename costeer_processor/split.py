@@ -59,7 +59,7 @@ from urllib.parse import urlsplit
 
 import torch
 
-from .core import CoSteerConfig, costeer_gain, force_eos, steer, update_confidence_streak
+from .core import CoSteerConfig, check_variants, costeer_gain, force_eos, steer, update_confidence_streak
 from .small_model import ContextSplicer, PromptLike, SmallModelRunner
 from .vocab import VocabularyMap
 
@@ -370,12 +370,7 @@ class SplitCoSteerClient:
             raise ValueError(f"top_logprobs must be None (full vocabulary) or an integer >= 1, got {top_logprobs!r}")
         if isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead < 1:
             raise ValueError(f"lookahead must be an integer >= 1, got {lookahead!r}")
-        if gate_threshold is not None and not (0.0 < float(gate_threshold) < 1.0):
-            raise ValueError(f"gate_threshold must be in (0, 1), got {gate_threshold}")
-        if isinstance(gate_patience, bool) or not isinstance(gate_patience, int) or gate_patience < 1:
-            raise ValueError(f"gate_patience must be an integer >= 1, got {gate_patience!r}")
-        if eos_guard is not None and not (0.0 < float(eos_guard) <= 1.0):
-            raise ValueError(f"eos_guard must be in (0, 1], got {eos_guard}")
+        check_variants(gate_threshold, gate_patience, eos_guard)
         if max_retries < 0 or backoff < 0 or backoff_max < 0 or timeout <= 0:
             raise ValueError("max_retries, backoff and backoff_max must be >= 0 and timeout > 0")
         self.runner = runner

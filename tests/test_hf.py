@@ -139,7 +139,13 @@ def test_eos_guard_stops_where_the_large_model_would(large_model, tokenizer, run
     (dict(contexts=["a", "b", "word " * 2000]), ValueError, "over the limit"),
     (dict(config=dict(T=0)), ValueError, "T must be >= 1"),
     (dict(gate_threshold=1.5), ValueError, "gate_threshold"),
+    (dict(gate_threshold="0.5"), ValueError, "gate_threshold must be a number"),
+    (dict(gate_threshold=float("nan")), ValueError, "gate_threshold"),
+    (dict(gate_patience=0), ValueError, "gate_patience"),
+    (dict(gate_patience=2.0), ValueError, "gate_patience"),
     (dict(eos_guard=0.0), ValueError, "eos_guard"),
+    (dict(eos_guard=True), ValueError, "eos_guard must be a number"),
+    (dict(vocab_map="auto"), TypeError, "vocab_map must be a VocabularyMap"),
 ])
 def test_bad_arguments(runner, prompts, contexts, kwargs, exc, match):
     args = dict(prompts=prompts, contexts=contexts)
