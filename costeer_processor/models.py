@@ -622,22 +622,27 @@ class ModelPair(NamedTuple):
     small_tokenizer: object
     large_dir: Path
     small_dir: Path
+    vocab_map: object = None  # a VocabularyMap when the two tokenizers differ (pass it to the processor)
 
 
 def load_pair(large: PathLike = DEFAULT_LARGE, small: PathLike = DEFAULT_SMALL, dtype: str = "bfloat16",
               cache_dir: Optional[PathLike] = None, progress: bool = True, device: Optional[str] = None) -> ModelPair:
-    """Resolves (installing presets if needed), checks the tokenizers match, loads both models.
+    """Resolves (installing presets if needed) and loads both models; maps the vocabularies if they differ.
 
     Example::
 
-        >>> pair = load_pair("qwen2.5-coder-1.5b-instruct", "qwen2.5-coder-0.5b-instruct")  # doctest: +SKIP
+        >>> pair = load_pair("qwen2.5-coder-1.5b-instruct", "smollm2-135m-instruct")  # doctest: +SKIP
         >>> runner = SmallModelRunner(pair.small_model, pair.small_tokenizer)  # doctest: +SKIP
+        >>> proc = CoSteerLogitsProcessor(runner, prompts, contexts, vocab_map=pair.vocab_map)  # doctest: +SKIP
     """
+    from .vocab import VocabularyMap
+
     large_dir = resolve_model(large, dtype, cache_dir, progress)
     small_dir = resolve_model(small, dtype, cache_dir, progress)
-    check_same_tokenizer(large_dir, small_dir)
-    return ModelPair(load_model(large_dir, dtype, device=device), load_tokenizer(large_dir),
-                     load_model(small_dir, dtype, device=device), load_tokenizer(small_dir), large_dir, small_dir)
+    large_tok, small_tok = load_tokenizer(large_dir), load_tokenizer(small_dir)
+    vmap = VocabularyMap.for_pair(large_tok, small_tok)
+    return ModelPair(load_model(large_dir, dtype, device=device), large_tok, load_model(small_dir, dtype, device=device),
+                     small_tok, large_dir, small_dir, None if vmap.identical else vmap)
 
 
 def describe_presets(cache_dir: Optional[PathLike] = None, dtypes: Sequence[str] = DTYPES) -> list[dict]:

@@ -431,13 +431,16 @@ def test_check_context_fits(tiny_pair_dirs):
         models.check_context_fits(tok, cfg, "spicy food " * 400)
 
 
-def test_load_pair_on_local_folders(tiny_pair_dirs):
+def test_load_pair_on_local_folders(tiny_pair_dirs, mixed_pair_dirs):
     import torch
 
     pair = models.load_pair(*tiny_pair_dirs, dtype="float32")
     assert pair.large_model.dtype == torch.float32
     assert pair.large_tokenizer.padding_side == "left" and pair.small_tokenizer.pad_token_id is not None
     assert pair.large_dir == tiny_pair_dirs[0].resolve()
+    assert pair.vocab_map is None  # one tokenizer
+    mixed = models.load_pair(*mixed_pair_dirs, dtype="float32")
+    assert mixed.vocab_map is not None and 0 < mixed.vocab_map.size < len(mixed.large_tokenizer)
 
 
 def test_hub_ids_are_not_presets():
