@@ -221,6 +221,8 @@ def main():
     ap.add_argument("--small-steps", type=int, default=40, help="decode steps timed for the small-model bound")
     ap.add_argument("--no-plain", action="store_true", help="skip the processor-free server")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--engine-threads", type=int, default=None,
+                    help="the processor's `threads` setting (torch threads of the small model in the engine)")
     ap.add_argument("--tag", default=None)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args()
@@ -249,7 +251,9 @@ def main():
     if iomp.exists():
         env["LD_PRELOAD"] = (str(iomp) + " " + os.environ.get("LD_PRELOAD", "")).strip()
     costeer_args = base_args + ["--logits-processors", V1, "--additional-config",
-                                json.dumps({"costeer": {"small_model": str(small_dir), "dtype": dtype}})]
+                                json.dumps({"costeer": {"small_model": str(small_dir), "dtype": dtype,
+                                                        **({"threads": args.engine_threads}
+                                                           if args.engine_threads else {})}})]
 
     results = {"large": str(large_dir), "small": str(small_dir), "dtype": dtype, "max_tokens": args.max_tokens,
                "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "levels": {}}
