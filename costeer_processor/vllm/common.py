@@ -429,15 +429,19 @@ def load_tokenizer(path: os.PathLike | str, **kwargs):
     return AutoTokenizer.from_pretrained(str(path), **kwargs)
 
 
+def wants_vocab_map(settings: EngineSettings, large_tok, small_tok) -> bool:
+    """Whether steering takes the mapped path: ``on``, or ``auto`` with two different vocabularies."""
+    return settings.vocab_map == "on" or (settings.vocab_map == "auto"
+                                          and large_tok.get_vocab() != small_tok.get_vocab())
+
+
 def vocabulary_map_for(settings: EngineSettings, large_tok, small_tok, large_name: str,
                        small_name: str) -> Optional[VocabularyMap]:
     """The id map the settings ask for (``None``: one shared tokenizer, the plain path)."""
-    same = large_tok.get_vocab() == small_tok.get_vocab()
-    if settings.vocab_map == "off" or (same and settings.vocab_map == "auto"):
-        if not same:
-            check_same_tokenizer(large_tok, small_tok, large_name, small_name)
-        return None
-    return VocabularyMap.for_pair(large_tok, small_tok)
+    if wants_vocab_map(settings, large_tok, small_tok):
+        return VocabularyMap.for_pair(large_tok, small_tok)
+    check_same_tokenizer(large_tok, small_tok, large_name, small_name)  # refuses two vocabularies under "off"
+    return None
 
 
 def check_same_tokenizer(large_tok, small_tok, large_name: str, small_name: str) -> None:
@@ -522,9 +526,8 @@ class _FrontendChecker:
         self.builder = BranchBuilder(small_tok, settings,
                                      max_context_tokens_for(settings, AutoConfig.from_pretrained(str(path))))
         self.large_tok = load_tokenizer(large_tokenizer_path, **tok_kwargs) if large_tokenizer_path else small_tok
-        translate = settings.vocab_map == "on" or (settings.vocab_map == "auto"
-                                                   and self.large_tok.get_vocab() != small_tok.get_vocab())
-        self.bridge = PromptBridge(self.large_tok, self.builder.splicer, translate)
+        self.bridge = PromptBridge(self.large_tok, self.builder.splicer,
+                                   wants_vocab_map(settings, self.large_tok, small_tok))
         self._lock = threading.Lock()  # the server may validate from several threads; fast tokenizers are not re-entrant
 
     def check(self, context: str, prompt_ids: Optional[Sequence[int]]) -> None:
