@@ -9,7 +9,7 @@ import torch
 from transformers import LogitsProcessor
 
 from .core import CoSteerConfig, check_variants, costeer_gain, force_eos, steer, update_confidence_streak
-from .small_model import PromptLike, SmallModelRunner
+from .small_model import PromptLike, SmallModelRunner, check_rows
 from .vocab import VocabularyMap
 
 
@@ -102,15 +102,7 @@ class CoSteerLogitsProcessor(LogitsProcessor):
 
     def reset(self, prompts: Sequence[PromptLike], contexts: Sequence[str]) -> None:
         """Sets new prompts and contexts (one per row) and drops any small-model state."""
-        if isinstance(contexts, str) or isinstance(prompts, str):
-            raise TypeError("prompts and contexts must be lists (one entry per batch row), not a single string")
-        if len(prompts) != len(contexts):
-            raise ValueError(f"got {len(prompts)} prompts but {len(contexts)} contexts; give one context per prompt")
-        if not contexts:
-            raise ValueError("no rows: give at least one prompt and one context")
-        for i, c in enumerate(contexts):
-            if not isinstance(c, str):
-                raise TypeError(f"context {i} must be a string, got {type(c).__name__}")
+        check_rows(prompts, contexts)
         # Encoding validates every context (empty, too long) before any state changes.
         self._branches = [self.runner.encode_branches(p, c) for p, c in zip(prompts, contexts)]
         _forget(self.runner, self._keys)

@@ -30,6 +30,22 @@ Messages = list[dict]
 PromptLike = Union[str, Messages]
 
 
+def check_rows(prompts: Sequence[PromptLike], contexts: Sequence[str]) -> None:
+    """One context per prompt, as lists of at least one row (shared by the HF processor and split mode).
+
+    An empty or over-long context is refused later, when the runner encodes it.
+    """
+    if isinstance(contexts, str) or isinstance(prompts, str):
+        raise TypeError("prompts and contexts must be lists (one entry per batch row), not a single string")
+    if len(prompts) != len(contexts):
+        raise ValueError(f"got {len(prompts)} prompts but {len(contexts)} contexts; give one context per prompt")
+    if not contexts:
+        raise ValueError("no rows: give at least one prompt and one context")
+    for i, c in enumerate(contexts):
+        if not isinstance(c, str):
+            raise TypeError(f"context {i} must be a string, got {type(c).__name__}")
+
+
 class ContextTooLongError(ValueError):
     """A personal context (or prompt) does not fit the small model's window."""
 

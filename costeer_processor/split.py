@@ -60,7 +60,7 @@ from urllib.parse import urlsplit
 import torch
 
 from .core import CoSteerConfig, check_variants, costeer_gain, force_eos, steer, update_confidence_streak
-from .small_model import ContextSplicer, PromptLike, SmallModelRunner
+from .small_model import ContextSplicer, PromptLike, SmallModelRunner, check_rows
 from .vocab import VocabularyMap
 
 __all__ = [
@@ -558,12 +558,7 @@ class SplitCoSteerClient:
 
     # ------------------------------------------------------------------ internals
     def _prepare(self, prompts, contexts, max_new_tokens, temperature, top_p, seed):
-        if isinstance(prompts, str) or isinstance(contexts, str):
-            raise TypeError("prompts and contexts must be lists (one context per prompt)")
-        if len(prompts) != len(contexts):
-            raise ValueError(f"got {len(prompts)} prompts but {len(contexts)} contexts; give one context per prompt")
-        if not prompts:
-            raise ValueError("no prompts")
+        check_rows(prompts, contexts)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         if temperature < 0 or not (0.0 < top_p <= 1.0):
