@@ -22,15 +22,12 @@ Writes ``benchmarks/results/bench_split_<tag>.json`` and ``.md``.
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
 import platform
 import sys
 import tempfile
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import torch
@@ -41,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 from costeer_processor import CoSteerConfig, SmallModelRunner  # noqa: E402
 from costeer_processor.hf import CoSteerLogitsProcessor  # noqa: E402
 from costeer_processor.split import SplitCoSteerClient  # noqa: E402
+from costeer_processor.testing import LoopbackProxy  # noqa: E402
 
 PREFS = ["concise", "creative", "uplifting", "verbose"]
 DATA = Path("/work/shared/data/preference_prompts.jsonl")
@@ -68,60 +66,6 @@ def resolve(name: str, dtype: str) -> Path:
     from costeer_processor.models import resolve_model
 
     return resolve_model(name, dtype=dtype)
-
-
-# ------------------------------------------------------------------ a proxy that adds latency
-class DelayProxy:
-    """Forwards to ``upstream`` after sleeping ``rtt`` seconds per request (a simulated network)."""
-
-    def __init__(self, upstream: str, rtt: float):
-        host, port = upstream.split("://", 1)[1].rstrip("/").split(":")
-        proxy = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *a):
-                pass
-
-            def _forward(self):
-                n = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(n) if n else None
-                time.sleep(rtt)
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
-                for attempt in range(2):  # a kept-alive upstream connection may have been closed
-                    conn = getattr(proxy.local, "conn", None)
-                    if conn is None:
-                        conn = proxy.local.conn = http.client.HTTPConnection(host, int(port), timeout=600)
-                    try:
-                        conn.request(self.command, self.path, body=body, headers=headers)
-                        resp = conn.getresponse()
-                        data = resp.read()
-                        break
-                    except (OSError, http.client.HTTPException):
-                        conn.close()
-                        proxy.local.conn = None
-                        if attempt:
-                            raise
-                self.send_response(resp.status)
-                for k, v in resp.getheaders():
-                    if k.lower() not in ("transfer-encoding", "content-length", "connection"):
-                        self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            do_GET = do_POST = _forward
-
-        self.local = threading.local()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 # ------------------------------------------------------------------ measurements
@@ -369,7 +313,7 @@ def main(argv=None):
                                         **kw))
         if "rtt" in args.phases:
             for rtt in args.rtt_ms:
-                proxy = DelayProxy(url, rtt / 1000.0)
+                proxy = LoopbackProxy(url, delay=rtt / 1000.0)  # a simulated network
                 where = f"rtt {rtt:g}ms"
                 print(f"speed through a {rtt:g} ms round-trip proxy", flush=True)
                 for name in args.configs:

@@ -9,7 +9,11 @@ what CoSteer's default (same-tokenizer) path needs; :func:`build_tiny_tokenizer`
 
 from __future__ import annotations
 
+import http.client
 import os
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Optional
 
@@ -146,3 +150,65 @@ def save_tiny_pair(root: os.PathLike, *, large_hidden: int = 128, small_hidden: 
             tok.save_pretrained(path)
         dirs.append(path)
     return dirs[0], dirs[1]
+
+
+class LoopbackProxy:
+    """An HTTP proxy on 127.0.0.1 in front of ``upstream`` that records every request and can add a delay.
+
+    ``records`` holds ``(method, path, headers, body)`` of each request (split mode's privacy tests
+    read what crosses the wire); ``delay`` seconds are slept before forwarding each request (the
+    split benchmark's simulated network round trip). Responses are buffered, so a stream arrives
+    whole. Use ``url`` as the server address and :meth:`close` when done.
+    """
+
+    def __init__(self, upstream: str, delay: float = 0.0, timeout: float = 600.0):
+        host, port = upstream.split("://", 1)[1].rstrip("/").split(":")
+        self.records: list[tuple[str, str, str, bytes]] = []
+        local = threading.local()  # one kept-alive upstream connection per serving thread
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def _forward(self):
+                n = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(n) if n else b""
+                proxy.records.append((self.command, self.path, str(self.headers), body))
+                if delay:
+                    time.sleep(delay)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+                for attempt in range(2):  # a kept-alive upstream connection may have been closed
+                    conn = getattr(local, "conn", None)
+                    if conn is None:
+                        conn = local.conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+                    try:
+                        conn.request(self.command, self.path, body=body or None, headers=headers)
+                        resp = conn.getresponse()
+                        data = resp.read()
+                        break
+                    except (OSError, http.client.HTTPException):
+                        conn.close()
+                        local.conn = None
+                        if attempt:
+                            raise
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("transfer-encoding", "content-length", "connection"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = _forward
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -13,7 +13,6 @@ that neither the context's text nor its token ids ever cross the wire.
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import re
@@ -36,6 +35,7 @@ from costeer_processor.split import (
     SplitModeError,
     generate_split,
 )
+from costeer_processor.testing import LoopbackProxy
 
 PROMPTS = ["Suggest a dinner recipe.", "Tell me about the history of tea.", "Write a story about a dragon."]
 CONTEXTS = ["I am vegan and I love spicy food.", "I prefer uplifting, warm answers.", "My hobbies are chess and hiking."]
@@ -331,50 +331,6 @@ def test_generate_split_convenience(pair, fake, tiny_pair_dirs):
 
 
 # --------------------------------------------------------------------------- privacy proxy
-class RecordingProxy:
-    """Forwards every HTTP request to ``upstream`` and keeps (method, path, headers, body)."""
-
-    def __init__(self, upstream: str):
-        host, port = upstream.split("://", 1)[1].split(":")
-        self.records: list[tuple[str, str, str, bytes]] = []
-        proxy = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *a):
-                pass
-
-            def _forward(self):
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else b""
-                proxy.records.append((self.command, self.path, str(self.headers), body))
-                conn = http.client.HTTPConnection(host, int(port), timeout=120)
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
-                conn.request(self.command, self.path, body=body or None, headers=headers)
-                resp = conn.getresponse()
-                data = resp.read()  # buffered (streams arrive whole; fine for recording)
-                conn.close()
-                self.send_response(resp.status)
-                for k, v in resp.getheaders():
-                    if k.lower() not in ("transfer-encoding", "content-length", "connection"):
-                        self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            do_GET = do_POST = _forward
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
 def _int_lists(obj):
     if isinstance(obj, list) and obj and all(isinstance(x, int) and not isinstance(x, bool) for x in obj):
         yield obj
@@ -420,7 +376,7 @@ def assert_context_never_sent(records, runner, prompt, context, min_chars=8, min
 
 
 def test_privacy_on_fake_server(runner, fake):
-    proxy = RecordingProxy(fake.url)
+    proxy = LoopbackProxy(fake.url)
     try:
         client = SplitCoSteerClient(proxy.url, runner, gate_threshold=0.99)
         client.generate(PROMPTS[0], SECRET, max_new_tokens=12)
@@ -512,7 +468,7 @@ def test_vllm_topk_mode_runs(runner, vllm_url_server):
 @pytest.mark.vllm
 @pytest.mark.timeout(900)
 def test_vllm_privacy_through_recording_proxy(runner, vllm_url_server):
-    proxy = RecordingProxy(vllm_url_server.url)
+    proxy = LoopbackProxy(vllm_url_server.url)
     try:
         client = SplitCoSteerClient(proxy.url, runner, lookahead=2)
         client.generate(PROMPTS[0], SECRET, max_new_tokens=N_NEW)

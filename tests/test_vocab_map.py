@@ -265,7 +265,9 @@ def test_vllm_engine_with_two_tokenizer_families_equals_hf(mixed, monkeypatch):
 # split mode with two tokenizer families (the fake server from test_split)
 # ------------------------------------------------------------------------------------------------
 def test_split_mode_with_two_tokenizer_families_equals_hf(mixed):
-    from test_split import SECRET, FakeVLLM, RecordingProxy, _contains_run, _int_lists
+    from test_split import SECRET, FakeVLLM, _contains_run, _int_lists
+
+    from costeer_processor.testing import LoopbackProxy
 
     from costeer_processor.split import SplitCoSteerClient, SplitModeError
 
@@ -295,7 +297,7 @@ def test_split_mode_with_two_tokenizer_families_equals_hf(mixed):
         assert gated.token_ids == hf_mapped(mixed, PROMPTS[0], CONTEXTS[0], n, gate_threshold=0.99,
                                             gate_patience=3)[:len(gated.token_ids)]
         assert len(runner) == 0
-        proxy = RecordingProxy(fake.url)
+        proxy = LoopbackProxy(fake.url)
         try:
             SplitCoSteerClient(proxy.url, runner, large_tokenizer=large_tok).generate(PROMPTS[0], SECRET,
                                                                                       max_new_tokens=6)
