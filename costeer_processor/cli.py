@@ -322,8 +322,7 @@ class HFEngine:
         # Different families: steer on the tokens both vocabularies share (the release's "map" variant).
         from .vocab import VocabularyMap
 
-        vmap = VocabularyMap.for_pair(self.large_tok, self.small_tok)
-        self.vocab_map = None if vmap.identical else vmap
+        self.vocab_map = VocabularyMap.if_needed(self.large_tok, self.small_tok)
 
     def _load(self, path: Path):
         from .models import load_model

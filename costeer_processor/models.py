@@ -640,9 +640,8 @@ def load_pair(large: PathLike = DEFAULT_LARGE, small: PathLike = DEFAULT_SMALL, 
     large_dir = resolve_model(large, dtype, cache_dir, progress)
     small_dir = resolve_model(small, dtype, cache_dir, progress)
     large_tok, small_tok = load_tokenizer(large_dir), load_tokenizer(small_dir)
-    vmap = VocabularyMap.for_pair(large_tok, small_tok)
     return ModelPair(load_model(large_dir, dtype, device=device), large_tok, load_model(small_dir, dtype, device=device),
-                     small_tok, large_dir, small_dir, None if vmap.identical else vmap)
+                     small_tok, large_dir, small_dir, VocabularyMap.if_needed(large_tok, small_tok))
 
 
 def describe_presets(cache_dir: Optional[PathLike] = None, dtypes: Sequence[str] = DTYPES) -> list[dict]:

@@ -385,9 +385,8 @@ class SplitCoSteerClient:
             if not hasattr(large_tokenizer, "get_vocab"):
                 raise TypeError(f"large_tokenizer must be a transformers tokenizer or a folder, got "
                                 f"{type(large_tokenizer).__name__}")
-            vmap = VocabularyMap.for_pair(large_tokenizer, runner.tokenizer)
-            if not vmap.identical:
-                self.vocab_map = vmap
+            vmap = self.vocab_map = VocabularyMap.if_needed(large_tokenizer, runner.tokenizer)
+            if vmap is not None:
                 self.tokenizer = large_tokenizer
                 self._large_splicer = ContextSplicer(large_tokenizer, system_prompt=runner.splicer.system_prompt)
                 logger.info("split mode: different tokenizers (large %d tokens, small %d): steering on the %d "

@@ -68,6 +68,16 @@ class VocabularyMap:
             _MAPS[key] = cls(large_tokenizer, small_tokenizer)
         return _MAPS[key]
 
+    @classmethod
+    def if_needed(cls, large_tokenizer, small_tokenizer) -> Optional["VocabularyMap"]:
+        """The cached map when the two vocabularies differ, ``None`` when they are one (the plain path).
+
+        One tokenizer costs a vocabulary comparison only: no fingerprints, no map.
+        """
+        if large_tokenizer.get_vocab() == small_tokenizer.get_vocab():
+            return None
+        return cls.for_pair(large_tokenizer, small_tokenizer)
+
     def to_small(self, large_ids: Sequence[int]) -> list[int]:
         """Maps generated large-model ids to small-model ids (every steered choice is mappable)."""
         ids = torch.as_tensor(list(large_ids), dtype=torch.long)
