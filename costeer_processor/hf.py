@@ -8,8 +8,10 @@ from typing import Optional, Sequence
 import torch
 from transformers import LogitsProcessor
 
-from .core import CoSteerConfig, check_variants, costeer_gain, force_eos, steer, update_confidence_streak
-from .small_model import PromptLike, SmallModelRunner, check_rows
+from .core import CoSteerConfig, Variants, force_eos, steer, update_confidence_streak
+from .loading import eos_token_ids
+from .prompts import PromptBridge, PromptLike, strip_left_padding
+from .small_model import SmallModelRunner, check_rows
 from .vocab import VocabularyMap
 
 
@@ -23,45 +25,55 @@ class CoSteerLogitsProcessor(LogitsProcessor):
 
     Args:
         runner: the :class:`~costeer_processor.SmallModelRunner` (holds the small model; reuse it).
-        prompts: one user prompt per batch row (string or chat messages), as given to the large
-            model; the small model builds its own chat-templated input from it.
         contexts: one personal context per batch row (non-empty strings).
         config: :class:`~costeer_processor.CoSteerConfig` (official defaults).
+        prompts: optional. By default each row's prompt is read from the ``input_ids`` of the
+            first call, exactly as the large model reads it (left padding removed), so the small
+            model sees the same conversation (see :mod:`costeer_processor.prompts`). Give the
+            prompts (strings or chat messages) only to build the small model's input from them
+            instead; they are rendered with its chat template, nothing added.
         eos_token_id: id(s) that end a row; finished rows stop costing small-model compute.
-            Defaults to the small tokenizer's EOS.
-        gate_threshold, gate_patience: AdaCoSteer confidence gating. When set, a row whose large
-            model had ``1 - max p < gate_threshold`` for ``gate_patience`` consecutive steps is
-            left unsteered for the rest of the call and its small-model rows are freed.
+            Default: :func:`costeer_processor.loading.eos_token_ids` of the large tokenizer.
+        gate_threshold, gate_patience: AdaCoSteer confidence gating (see
+            :class:`~costeer_processor.core.Variants`). When set, a row whose large model had
+            ``1 - max p < gate_threshold`` for ``gate_patience`` consecutive steps is left
+            unsteered for the rest of the call and its small-model rows are freed.
         eos_guard: if set (e.g. 0.5), a row stops as soon as the large model's EOS probability
             exceeds it, so steering cannot stretch answers.
         vocab_map: a :class:`~costeer_processor.vocab.VocabularyMap` when the large and small
             tokenizers differ: steering runs on their common tokens and generated ids are mapped
             to the small vocabulary. ``None`` (default) requires one shared tokenizer.
+        large_tokenizer: the large model's tokenizer; needed with ``vocab_map`` (to read the
+            prompts from ``input_ids``); default: the runner's tokenizer.
 
-    Example::
+    Example (a tiny random pair; real models work the same)::
 
+        >>> import torch
         >>> from transformers import LogitsProcessorList
         >>> from costeer_processor import SmallModelRunner
         >>> from costeer_processor.hf import CoSteerLogitsProcessor
-        >>> runner = SmallModelRunner(small_model, tokenizer)  # doctest: +SKIP
-        >>> prompts = ["Suggest a dinner.", "Plan my weekend."]
-        >>> proc = CoSteerLogitsProcessor(runner, prompts, ["I am vegan.", "I love hiking."])  # doctest: +SKIP
-        >>> texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-        ...          add_generation_prompt=True) for p in prompts]  # doctest: +SKIP
-        >>> inputs = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left")  # doctest: +SKIP
-        >>> out = large_model.generate(**inputs, logits_processor=LogitsProcessorList([proc]),
-        ...                            do_sample=False, max_new_tokens=64)  # doctest: +SKIP
+        >>> from costeer_processor.testing import build_tiny_model, build_tiny_tokenizer
+        >>> tok = build_tiny_tokenizer()
+        >>> large, small = build_tiny_model(tok, hidden_size=96, seed=1), build_tiny_model(tok, seed=2)
+        >>> runner = SmallModelRunner(small, tok)
+        >>> chats = [[{"role": "user", "content": "suggest a dinner"}], [{"role": "user", "content": "plan my weekend"}]]
+        >>> inputs = tok.apply_chat_template(chats, add_generation_prompt=True, padding=True, return_tensors="pt",
+        ...                                  return_dict=True)
+        >>> proc = CoSteerLogitsProcessor(runner, ["I am vegan.", "I love hiking."])
+        >>> out = large.generate(**inputs, logits_processor=LogitsProcessorList([proc]), do_sample=False,
+        ...                      max_new_tokens=4, pad_token_id=tok.pad_token_id)
+        >>> out.shape[0], proc.steered_steps.tolist()
+        (2, [4, 4])
 
     After a call, ``live_steps`` / ``steered_steps`` hold, per row, the steps the row was still
     generating and the steps it was steered (they differ under gating); :meth:`release` frees the
     small-model rows at once.
 
-    Reuse: the processor may be passed to several ``generate`` calls with the same prompts; a
-    new call is detected from ``input_ids`` and the small-model state starts over. For other
-    prompts or contexts make a new processor (cheap: the model lives in the runner) or call
-    :meth:`reset`. Not supported (clear errors): beam search / ``num_return_sequences > 1``
-    (the batch no longer matches the contexts), assisted or speculative decoding, and
-    continuous batching (``generate_batch``).
+    Reuse: the processor may be passed to several ``generate`` calls; a new call is detected from
+    ``input_ids`` and the small-model state starts over. For other contexts make a new processor
+    (cheap: the model lives in the runner) or call :meth:`reset`. Not supported (clear errors):
+    beam search / ``num_return_sequences > 1`` (the batch no longer matches the contexts),
+    assisted or speculative decoding, and continuous batching (``generate_batch``).
     """
 
     supports_continuous_batching = False
@@ -69,50 +81,76 @@ class CoSteerLogitsProcessor(LogitsProcessor):
     def __init__(
         self,
         runner: SmallModelRunner,
-        prompts: Sequence[PromptLike],
         contexts: Sequence[str],
         config: CoSteerConfig = CoSteerConfig(),
         *,
+        prompts: Optional[Sequence[PromptLike]] = None,
         eos_token_id: Optional[int | Sequence[int]] = None,
         gate_threshold: Optional[float] = None,
-        gate_patience: int = 3,
+        gate_patience: int = Variants.gate_patience,
         eos_guard: Optional[float] = None,
         vocab_map: Optional[VocabularyMap] = None,
+        large_tokenizer=None,
     ):
         if not isinstance(runner, SmallModelRunner):
             raise TypeError(f"runner must be a SmallModelRunner, got {type(runner).__name__}")
         if not isinstance(config, CoSteerConfig):
-            raise TypeError(f"config must be a CoSteerConfig, got {type(config).__name__}")
-        check_variants(gate_threshold, gate_patience, eos_guard)
-        self.runner = runner
-        self.config = config
-        self.gain = costeer_gain(config)
-        self.gate_threshold = gate_threshold
-        self.gate_patience = gate_patience
-        self.eos_guard = eos_guard
+            hint = (" (the signature is (runner, contexts, config, *, prompts=None, ...): pass prompts by keyword"
+                    " or leave them out)" if isinstance(config, (list, tuple)) else "")
+            raise TypeError(f"config must be a CoSteerConfig, got {type(config).__name__}{hint}")
+        self.variants = Variants(gate_threshold, gate_patience, eos_guard)
         if vocab_map is not None and not isinstance(vocab_map, VocabularyMap):
             raise TypeError(f"vocab_map must be a VocabularyMap, got {type(vocab_map).__name__}")
+        if vocab_map is not None and large_tokenizer is None and prompts is None:
+            raise ValueError("with a vocab_map, pass large_tokenizer= so the prompts can be read from input_ids")
+        self.runner = runner
+        self.config = config
+        self.gain = config.gain
         self.vocab_map = vocab_map
+        self.large_tokenizer = large_tokenizer if large_tokenizer is not None else runner.tokenizer
+        self.bridge = PromptBridge(self.large_tokenizer, runner.splicer, translate=vocab_map is not None)
         if eos_token_id is None:
-            eos_token_id = vocab_map.large_eos_token_id if vocab_map else runner.tokenizer.eos_token_id
+            eos_token_id = eos_token_ids(self.large_tokenizer)
         self.eos_token_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
         self._keys: list[tuple[int, int]] = []
-        self.reset(prompts, contexts)
+        self.reset(contexts, prompts)
         weakref.finalize(self, _forget, runner, self._keys)
 
-    def reset(self, prompts: Sequence[PromptLike], contexts: Sequence[str]) -> None:
-        """Sets new prompts and contexts (one per row) and drops any small-model state."""
-        check_rows(prompts, contexts)
-        # Encoding validates every context (empty, too long) before any state changes.
-        self._branches = [self.runner.encode_branches(p, c) for p, c in zip(prompts, contexts)]
+    @property
+    def gate_threshold(self) -> Optional[float]:
+        return self.variants.gate_threshold
+
+    @property
+    def gate_patience(self) -> int:
+        return self.variants.gate_patience
+
+    @property
+    def eos_guard(self) -> Optional[float]:
+        return self.variants.eos_guard
+
+    def reset(self, contexts: Sequence[str], prompts: Optional[Sequence[PromptLike]] = None) -> None:
+        """Sets new contexts (and optionally prompts), one per row, and drops any small-model state."""
+        check_rows(contexts if prompts is None else prompts, contexts)
+        for c in contexts:  # empty / certainly too long: refused now, before generate runs
+            self.runner.check_context(c)
+        self._contexts = list(contexts)
+        # With prompts given, encoding validates every row now; otherwise at the first call.
+        self._branches = (None if prompts is None else
+                          [self.runner.encode_branches(p, c) for p, c in zip(prompts, contexts)])
         _forget(self.runner, self._keys)
         self._keys[:] = [(id(self), i) for i in range(len(contexts))]
         self._prompt_ids: Optional[torch.Tensor] = None
         self._last_length = -1
 
+    def _branches_from_ids(self, input_ids: torch.Tensor) -> list[tuple[list[int], list[int]]]:
+        pad = self.large_tokenizer.pad_token_id
+        return [self.runner.branch_ids_from_text(self.bridge(strip_left_padding(row, pad)), c)
+                for row, c in zip(input_ids.tolist(), self._contexts)]
+
     def _start(self, input_ids: torch.Tensor) -> None:
+        branches = self._branches if self._branches is not None else self._branches_from_ids(input_ids)
         _forget(self.runner, self._keys)
-        for key, (with_ids, without_ids) in zip(self._keys, self._branches):
+        for key, (with_ids, without_ids) in zip(self._keys, branches):
             self.runner.add(key, with_ids, without_ids)
         self._prompt_ids = input_ids.clone()
         rows = input_ids.shape[0]

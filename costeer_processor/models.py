@@ -54,7 +54,6 @@ __all__ = [
     "is_installed",
     "check_causal_lm",
     "check_same_tokenizer",
-    "check_context_fits",
     "load_model",
     "load_tokenizer",
     "load_pair",
@@ -63,9 +62,8 @@ __all__ = [
 
 PathLike = Union[str, os.PathLike]
 
-
-class CoSteerModelError(RuntimeError):
-    """A model could not be resolved, installed or used; the message says what to do (one line)."""
+from .loading import (DTYPES, CoSteerModelError, check_causal_lm, check_same_tokenizer,  # noqa: E402
+                      load_model, load_tokenizer, normalize_dtype)
 
 
 # --------------------------------------------------------------------------- presets
@@ -139,18 +137,9 @@ PRESETS: dict[str, Preset] = {
 
 DEFAULT_LARGE = "qwen2.5-coder-1.5b-instruct"
 DEFAULT_SMALL = "qwen2.5-coder-0.5b-instruct"
-DTYPES = ("bfloat16", "float16", "float32")
 _DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
-_DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
 MARKER = "costeer_model.json"  # written last into a finished preset folder
 _SPACE_MARGIN = 256 * 2**20
-
-
-def normalize_dtype(dtype: str) -> str:
-    d = _DTYPE_ALIASES.get(str(dtype).lower(), str(dtype).lower())
-    if d not in DTYPES:
-        raise CoSteerModelError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
-    return d
 
 
 def cache_root(cache_dir: Optional[PathLike] = None) -> Path:
@@ -467,152 +456,6 @@ def _strip_quantization(config_path: Path) -> None:
     cfg = json.loads(config_path.read_text())
     if cfg.pop("quantization_config", None) is not None:
         config_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-
-
-# --------------------------------------------------------------------------- checks
-def check_causal_lm(path: PathLike):
-    """The folder's config, if it holds a causal LM transformers can load; else CoSteerModelError."""
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise CoSteerModelError(f"{path} has no config.json: not a transformers model folder (pass a preset or a folder "
-                                "written by save_pretrained)")
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    try:
-        config = AutoConfig.from_pretrained(str(path))
-    except Exception as e:
-        raise CoSteerModelError(f"{path}/config.json cannot be read by transformers ({_first_line(e)})") from None
-    archs = list(getattr(config, "architectures", None) or [])
-    causal_classes = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
-    if archs:  # what the folder was saved as decides (a BERT saved for masked LM is no causal LM)
-        ok = any(a.endswith(("ForCausalLM", "LMHeadModel")) or a in causal_classes for a in archs)
-    else:
-        ok = config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-    if not ok:
-        raise CoSteerModelError(
-            f"{path} is not a causal language model (model_type={config.model_type!r}, architectures={archs}); "
-            "CoSteer needs two decoder-only chat models")
-    return config
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return (text.splitlines()[0][:200] if text else type(e).__name__)
-
-
-def _tokenizer_fingerprint(path: Path):
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(str(path))
-    except Exception as e:
-        raise CoSteerModelError(f"cannot load the tokenizer of {path} ({_first_line(e)})") from None
-    return tok
-
-
-def check_same_tokenizer(large_dir: PathLike, small_dir: PathLike) -> None:
-    """Raises CoSteerModelError unless both folders hold the same tokenizer (same token -> id map).
-
-    The two models' logit widths may differ (padded rows); the token ids must not.
-    """
-    large_dir, small_dir = Path(large_dir), Path(small_dir)
-    a, b = large_dir / "tokenizer.json", small_dir / "tokenizer.json"
-    if a.is_file() and b.is_file() and _file_sha256(a) == _file_sha256(b):
-        return
-    ta, tb = _tokenizer_fingerprint(large_dir), _tokenizer_fingerprint(small_dir)
-    va, vb = ta.get_vocab(), tb.get_vocab()
-    if va != vb:
-        differ = sum(1 for k, v in va.items() if vb.get(k) != v) + sum(1 for k in vb if k not in va)
-        raise CoSteerModelError(
-            f"the large and small models use different tokenizers ({len(va)} vs {len(vb)} tokens, {differ} differ); "
-            "CoSteer needs the same tokenizer: pick two models of one family, e.g. "
-            f"--large {DEFAULT_LARGE} --small {DEFAULT_SMALL}")
-    if ta.eos_token != tb.eos_token:
-        raise CoSteerModelError(
-            f"the large and small tokenizers end text differently ({ta.eos_token!r} vs {tb.eos_token!r}); "
-            "pick two models of one family")
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(2**20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def context_window(config) -> int:
-    return int(getattr(config, "max_position_embeddings", None) or 1 << 30)
-
-
-def check_context_fits(small_tokenizer, small_config, text: str, reserve_tokens: int = 0) -> int:
-    """Token count of ``text`` (a full with-context prompt); CoSteerModelError if it overflows the window."""
-    n = len(small_tokenizer(text, add_special_tokens=False)["input_ids"])
-    window = context_window(small_config)
-    if n + reserve_tokens > window:
-        raise CoSteerModelError(
-            f"context + prompt is {n} tokens (+{reserve_tokens} to generate) but the small model's window is "
-            f"{window} tokens; shorten the context")
-    return n
-
-
-# --------------------------------------------------------------------------- loading
-def _torch_dtype(dtype: str):
-    import torch
-
-    return getattr(torch, normalize_dtype(dtype))
-
-
-def load_tokenizer(path: PathLike):
-    """The folder's tokenizer, ready for batched generation (left padding, a pad token)."""
-    tok = _tokenizer_fingerprint(Path(path))
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    tok.padding_side = "left"
-    return tok
-
-
-def load_model(path: PathLike, dtype: str = "bfloat16", materialize: bool = True, device: Optional[str] = None):
-    """``AutoModelForCausalLM`` from a folder, in ``dtype``, in eval mode, on ``device`` (default CPU).
-
-    On the CPU the weights are copied into process memory rather than left memory-mapped.
-    """
-    from transformers import AutoModelForCausalLM
-
-    check_causal_lm(path)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=_torch_dtype(dtype))
-    except CoSteerModelError:
-        raise
-    except Exception as e:
-        raise CoSteerModelError(f"cannot load the model in {path} ({_first_line(e)})") from None
-    if device is not None and str(device) != "cpu":
-        try:
-            model = model.to(device)
-        except Exception as e:
-            raise CoSteerModelError(f"cannot move the model to {device} ({_first_line(e)})") from None
-    elif materialize:
-        _materialize(model)
-    return model.eval()
-
-
-def _materialize(model) -> None:
-    """Copies memory-mapped weights into process memory.
-
-    When the file's dtype is the one asked for, transformers leaves the weights mapped from the
-    safetensors file; on a machine short of memory those pages are evicted and re-read from disk
-    during decoding, which made generation up to 10x slower in our measurements.
-    """
-    import torch
-
-    with torch.no_grad():
-        for param in model.parameters():
-            param.data = param.data.clone()
-        for module in model.modules():
-            for name, buf in list(module.named_buffers(recurse=False)):
-                if buf is not None:
-                    module._buffers[name] = buf.clone()
 
 
 class ModelPair(NamedTuple):

@@ -21,16 +21,11 @@ from typing import Hashable, Iterable, Optional, Sequence, Union
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
+from .prompts import ContextBudget, ContextSplicer, ContextTooLongError, PromptLike  # noqa: F401 (re-exported)
+
 logger = logging.getLogger(__name__)
 
-DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
-_SENTINEL = "\u2063COSTEER_USER_TURN\u2063"
-
-Messages = list[dict]
-PromptLike = Union[str, Messages]
-
-
-def check_rows(prompts: Sequence[PromptLike], contexts: Sequence[str]) -> None:
+def check_rows(prompts: Sequence, contexts: Sequence[str]) -> None:
     """One context per prompt, as lists of at least one row (shared by the HF processor and split mode).
 
     An empty or over-long context is refused later, when the runner encodes it.
@@ -46,90 +41,11 @@ def check_rows(prompts: Sequence[PromptLike], contexts: Sequence[str]) -> None:
             raise TypeError(f"context {i} must be a string, got {type(c).__name__}")
 
 
-class ContextTooLongError(ValueError):
-    """A personal context (or prompt) does not fit the small model's window."""
-
-
 @dataclass
 class _Request:
     ids_with: list[int]
     ids_without: list[int]
     fed: list[int] = field(default_factory=list)  # generated ids already in the cache
-
-
-class ContextSplicer:
-    """Puts a personal context into the last user turn of a chat-templated prompt.
-
-    The same function builds the small model's with-context input in every adapter, so the
-    Hugging Face path (which starts from messages) and the vLLM path (which starts from the
-    large model's prompt ids) feed the small model identical tokens.
-
-    ``position="before"`` gives ``{context}{separator}{user text}`` (LongLaMP style);
-    ``"after"`` gives ``{user text}{separator}{context}`` (the paper's preference prompts,
-    ``"\\nYour answer should be as concise as possible"``). A prompt without a recognisable
-    user turn (raw text) gets the context at its very start / end.
-    """
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, position: str = "before", separator: str = "\n\n",
-                 system_prompt: Optional[str] = DEFAULT_SYSTEM_PROMPT):
-        if position not in ("before", "after"):
-            raise ValueError(f"context position must be 'before' or 'after', got {position!r}")
-        self.position = position
-        self.separator = separator
-        self.system_prompt = system_prompt
-        self.tokenizer = tokenizer
-        self.user_header, self.user_footer = self._probe_user_turn()
-
-    def _probe_user_turn(self) -> tuple[Optional[str], Optional[str]]:
-        if getattr(self.tokenizer, "chat_template", None) is None:
-            return None, None
-        try:
-            text = self.render([{"role": "user", "content": _SENTINEL}])
-        except Exception:  # a template that cannot render a plain user turn
-            return None, None
-        if _SENTINEL not in text:
-            return None, None
-        before, after = text.split(_SENTINEL, 1)
-        # The header is what the template writes right before user content: take the text after
-        # the last special/role marker line ("<|im_start|>user\n" for ChatML).
-        system_only = self._render_system_only()
-        if system_only is not None and before.startswith(system_only):
-            header = before[len(system_only):]
-        else:
-            header = before
-        return header, after
-
-    def _render_system_only(self) -> Optional[str]:
-        if self.system_prompt is None:
-            return None
-        try:
-            return self.tokenizer.apply_chat_template(
-                [{"role": "system", "content": self.system_prompt}], tokenize=False, add_generation_prompt=False)
-        except Exception:
-            return None
-
-    def render(self, prompt: PromptLike) -> str:
-        """Apply the chat template (with the system prompt) to a user string or a message list."""
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-        if self.system_prompt is not None and not any(m.get("role") == "system" for m in messages):
-            messages = [{"role": "system", "content": self.system_prompt}] + messages
-        if getattr(self.tokenizer, "chat_template", None) is None:
-            return "\n".join(m["content"] for m in messages)
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-    def splice(self, prompt_text: str, context: str) -> str:
-        """``prompt_text`` (already templated) with ``context`` inside its last user turn."""
-        if self.position == "before":
-            if self.user_header and self.user_header in prompt_text:
-                i = prompt_text.rindex(self.user_header) + len(self.user_header)
-            else:
-                i = 0
-            return prompt_text[:i] + context + self.separator + prompt_text[i:]
-        if self.user_footer and prompt_text.endswith(self.user_footer):
-            i = len(prompt_text) - len(self.user_footer)
-        else:
-            i = len(prompt_text)
-        return prompt_text[:i] + self.separator + context + prompt_text[i:]
 
 
 class SmallModelRunner:
@@ -138,10 +54,9 @@ class SmallModelRunner:
     Args:
         model: a transformers causal LM (``AutoModelForCausalLM``), put in eval mode.
         tokenizer: its tokenizer (with a chat template for chat prompts).
-        context_position / context_separator / system_prompt: see :class:`ContextSplicer`.
-        max_context_tokens: longest with-context prompt accepted (defaults to the model's
-            window minus ``reserve_tokens``).
-        reserve_tokens: room kept for generated tokens when checking prompt lengths.
+        context_position / context_separator: see :class:`~costeer_processor.prompts.ContextSplicer`.
+        max_context_tokens: longest with-context prompt accepted (default: the model's window);
+            the rule is :class:`~costeer_processor.prompts.ContextBudget`.
 
     Example::
 
@@ -158,16 +73,12 @@ class SmallModelRunner:
         *,
         context_position: str = "before",
         context_separator: str = "\n\n",
-        system_prompt: Optional[str] = DEFAULT_SYSTEM_PROMPT,
         max_context_tokens: Optional[int] = None,
-        reserve_tokens: int = 0,
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.splicer = ContextSplicer(tokenizer, context_position, context_separator, system_prompt)
-        window = getattr(model.config, "max_position_embeddings", None) or 1 << 30
-        self.window = int(window)
-        self.max_context_tokens = int(max_context_tokens) if max_context_tokens else self.window - reserve_tokens
+        self.splicer = ContextSplicer(tokenizer, context_position, context_separator)
+        self.budget = ContextBudget.for_model(tokenizer, model.config, max_context_tokens)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self._requests: dict[Hashable, _Request] = {}
@@ -186,23 +97,30 @@ class SmallModelRunner:
     def encode_text(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def branch_ids_from_text(self, prompt_text: str, context: str) -> tuple[list[int], list[int]]:
-        """Token ids of both branches for an already-templated prompt text."""
+    def check_context(self, context: str) -> None:
+        """Refuses a context that is not a string, is empty, or certainly cannot fit (no tokenising)."""
         if not isinstance(context, str):
             raise TypeError(f"context must be a string, got {type(context).__name__}")
         if not context.strip():
             raise ValueError("context is empty; pass a non-empty personal context (or do not steer this request)")
-        with_ids = self.encode_text(self.splicer.splice(prompt_text, context))
-        without_ids = self.encode_text(prompt_text)
-        if len(with_ids) > self.max_context_tokens:
-            raise ContextTooLongError(
-                f"context + prompt is {len(with_ids)} small-model tokens, over the limit of "
-                f"{self.max_context_tokens}; shorten the context")
-        return with_ids, without_ids
+        self.budget.check_text(context, what="the context")
+
+    def branch_ids_from_text(self, prompt_text: str, context: str) -> tuple[list[int], list[int]]:
+        """Token ids of both branches for an already-templated prompt text."""
+        self.check_context(context)
+        with_text = self.splicer.splice(prompt_text, context)
+        self.budget.check_text(with_text)
+        with_ids = self.encode_text(with_text)
+        self.budget.check_tokens(len(with_ids))
+        return with_ids, self.encode_text(prompt_text)
 
     def encode_branches(self, prompt: PromptLike, context: str) -> tuple[list[int], list[int]]:
-        """Token ids of both branches for a user prompt (string or chat messages)."""
+        """Token ids of both branches for a user prompt (string or chat messages), rendered as is."""
         return self.branch_ids_from_text(self.splicer.render(prompt), context)
+
+    @property
+    def max_context_tokens(self) -> int:
+        return self.budget.limit
 
     # ------------------------------------------------------------------ bookkeeping
     def add(self, key: Hashable, ids_with: Sequence[int], ids_without: Sequence[int]) -> None:
