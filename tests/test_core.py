@@ -95,14 +95,16 @@ def test_float32_output_from_bf16_inputs():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(T=0), "T must be >= 1"),
+    (dict(T=0), r"T must be in \[1, "),
     (dict(T=2.5), "T must be an integer"),
-    (dict(lam=0.0), "lam must be > 0"),
-    (dict(eta=-1.0), "eta must be > 0"),
-    (dict(alpha=math.inf), "alpha must be a finite number"),
-    (dict(beta=float("nan")), "beta must be a finite number"),
-    (dict(strength=float("inf")), "strength must be a finite number"),
-    (dict(strength="1"), "strength must be a finite number"),
+    (dict(T=True), "T must be an integer, got bool"),
+    (dict(lam=0.0), r"lam must be in \(0, "),
+    (dict(eta=-1.0), r"eta must be in \(0, "),
+    (dict(alpha=math.inf), "alpha must be finite"),
+    (dict(beta=float("nan")), "beta must be finite"),
+    (dict(strength=float("inf")), "strength must be finite"),
+    (dict(strength="1"), "strength must be a number, got str"),
+    (dict(strength=True), "strength must be a number, got bool"),
 ])
 def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -134,3 +136,31 @@ def test_eos_guard_and_confidence_streak():
     torch.testing.assert_close(guarded[1], steered[1])
     streak = update_confidence_streak(torch.tensor([2, 2]), logits, threshold=0.1)
     assert streak.tolist() == [3, 0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("widths", [(64, 64), (70, 64), (64, 70)])
+def test_one_pass_equals_the_careful_definition(dtype, widths):
+    from costeer_processor.core import steer_careful
+
+    vl, vs = widths
+    large, zw, zo = (random_logits(5, v, s).to(dtype) for v, s in ((vl, 31), (vs, 32), (vs, 33)))
+    large[1, 3] = float("-inf")  # a mask from another processor
+    gains = torch.tensor([0.0, 1.0, 1.783, -2.0, 40.0])
+    torch.testing.assert_close(steer(large, zw, zo, gains), steer_careful(large, zw, zo, gains), atol=2e-4, rtol=0)
+    out = steer(large, zw, zo, 1.5)
+    assert torch.isneginf(out[1, 3]) and not torch.isnan(out).any()
+
+
+def test_one_pass_falls_back_on_non_finite_small_logits():
+    from costeer_processor.core import steer_careful
+
+    large, zw, zo = random_logits(3, 16, 41), random_logits(3, 16, 42), random_logits(3, 16, 43)
+    zw[0, 2] = float("-inf")  # with-context branch masks a token: delta there counts as 0, not -inf
+    zw[1, :] = float("-inf")
+    zo[1, :] = float("-inf")  # a row with no small-model evidence at all
+    large[2, :] = float("-inf")  # a fully masked row stays all -inf
+    out = steer(large, zw, zo, 2.0)
+    torch.testing.assert_close(out, steer_careful(large, zw, zo, 2.0))
+    assert torch.isfinite(out[0, 2]) and torch.isneginf(out[2]).all() and not torch.isnan(out).any()
+    torch.testing.assert_close(out[1], torch.log_softmax(large[1], -1))

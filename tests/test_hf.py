@@ -55,7 +55,7 @@ def reference_loop(large, small, tokenizer, prompt, context, gain, steps=MAX_NEW
 
 
 def test_batched_equals_per_row_reference_loop(large_model, small_model, tokenizer, runner, prompts, contexts):
-    proc = CoSteerLogitsProcessor(runner, prompts, contexts)
+    proc = CoSteerLogitsProcessor(runner, contexts)
     batched = generate(large_model, tokenizer, prompts, proc)
     gain = costeer_gain(CoSteerConfig())
     for row, (p, c) in enumerate(zip(prompts, contexts)):
@@ -66,26 +66,26 @@ def test_batched_equals_per_row_reference_loop(large_model, small_model, tokeniz
 
 def test_zero_delta_reproduces_plain_generate(large_model, tokenizer, runner, prompts, contexts):
     runner.splicer.splice = lambda text, context: text  # identical branches: delta == 0
-    proc = CoSteerLogitsProcessor(runner, prompts, contexts)
+    proc = CoSteerLogitsProcessor(runner, contexts)
     assert torch.equal(generate(large_model, tokenizer, prompts, proc), generate(large_model, tokenizer, prompts))
 
 
 def test_strength_zero_is_plain_generate(large_model, tokenizer, runner, prompts, contexts):
-    proc = CoSteerLogitsProcessor(runner, prompts, contexts, CoSteerConfig(strength=0.0))
+    proc = CoSteerLogitsProcessor(runner, contexts, CoSteerConfig(strength=0.0))
     assert torch.equal(generate(large_model, tokenizer, prompts, proc), generate(large_model, tokenizer, prompts))
 
 
 def test_rows_are_independent(large_model, tokenizer, runner, prompts, contexts):
-    base = generate(large_model, tokenizer, prompts, CoSteerLogitsProcessor(runner, prompts, contexts))
+    base = generate(large_model, tokenizer, prompts, CoSteerLogitsProcessor(runner, contexts))
     changed = list(contexts)
     changed[1] = "Numbers one two three four five six seven eight nine ten hundred thousand million."
-    other = generate(large_model, tokenizer, prompts, CoSteerLogitsProcessor(runner, prompts, changed))
+    other = generate(large_model, tokenizer, prompts, CoSteerLogitsProcessor(runner, changed))
     assert torch.equal(base[0], other[0]) and torch.equal(base[2], other[2])
     assert not torch.equal(base[1], other[1])
 
 
 def test_reuse_across_generate_calls_and_runner_cleanup(large_model, tokenizer, runner, prompts, contexts):
-    proc = CoSteerLogitsProcessor(runner, prompts, contexts)
+    proc = CoSteerLogitsProcessor(runner, contexts)
     first = generate(large_model, tokenizer, prompts, proc)
     second = generate(large_model, tokenizer, prompts, proc)
     assert torch.equal(first, second)
@@ -100,7 +100,7 @@ def test_sampling_runs_and_is_reproducible(large_model, tokenizer, runner, promp
     outs = []
     for _ in range(2):
         torch.manual_seed(0)
-        proc = CoSteerLogitsProcessor(runner, prompts, contexts)
+        proc = CoSteerLogitsProcessor(runner, contexts)
         outs.append(generate(large_model, tokenizer, prompts, proc, do_sample=True, temperature=0.7, top_p=0.9))
     assert torch.equal(outs[0], outs[1])
     assert outs[0].shape == (3, MAX_NEW)
@@ -108,10 +108,10 @@ def test_sampling_runs_and_is_reproducible(large_model, tokenizer, runner, promp
 
 def test_gating_switches_rows_off_and_frees_the_small_model(large_model, tokenizer, runner, prompts, contexts):
     # threshold 0.999: every step counts as confident, so patience 1 switches rows off at once
-    proc = CoSteerLogitsProcessor(runner, prompts, contexts, gate_threshold=0.999, gate_patience=1)
+    proc = CoSteerLogitsProcessor(runner, contexts, gate_threshold=0.999, gate_patience=1)
     assert torch.equal(generate(large_model, tokenizer, prompts, proc), generate(large_model, tokenizer, prompts))
     assert runner.cached_rows == 0 and runner.forward_count == 0
-    proc = CoSteerLogitsProcessor(runner, prompts, contexts, gate_threshold=0.999, gate_patience=3)
+    proc = CoSteerLogitsProcessor(runner, contexts, gate_threshold=0.999, gate_patience=3)
     generate(large_model, tokenizer, prompts, proc)
     assert runner.cached_rows == 0 and runner.forward_count == 3  # prefill (2 forwards) + one decode step, then off
 
@@ -125,7 +125,7 @@ def test_eos_guard_stops_where_the_large_model_would(large_model, tokenizer, run
             scores = scores.clone()
             scores[:, eos] += 30.0
             return scores
-    proc = CoSteerLogitsProcessor(runner, prompts, contexts, CoSteerConfig(strength=50.0), eos_guard=0.5)
+    proc = CoSteerLogitsProcessor(runner, contexts, CoSteerConfig(strength=50.0), eos_guard=0.5)
     out = large_model.generate(**inputs, max_new_tokens=4, do_sample=False,
                                logits_processor=LogitsProcessorList([Bias(), proc]))
     assert (out[:, inputs["input_ids"].shape[1]] == eos).all()
@@ -137,7 +137,8 @@ def test_eos_guard_stops_where_the_large_model_would(large_model, tokenizer, run
     (dict(contexts=["a", 3, "c"]), TypeError, "must be a string"),
     (dict(contexts="abc"), TypeError, "not a single string"),
     (dict(contexts=["a", "b", "word " * 2000]), ValueError, "over the limit"),
-    (dict(config=dict(T=0)), ValueError, "T must be >= 1"),
+    (dict(config=dict(T=0)), ValueError, r"T must be in \[1, "),
+    (dict(gate_patience=True), ValueError, "gate_patience must be an integer, got bool"),
     (dict(gate_threshold=1.5), ValueError, "gate_threshold"),
     (dict(gate_threshold="0.5"), ValueError, "gate_threshold must be a number"),
     (dict(gate_threshold=float("nan")), ValueError, "gate_threshold"),
@@ -159,7 +160,7 @@ def test_bad_arguments(runner, prompts, contexts, kwargs, exc, match):
 
 
 def test_beam_search_and_batch_mismatch_are_refused(large_model, tokenizer, runner, prompts, contexts):
-    proc = CoSteerLogitsProcessor(runner, prompts, contexts)
+    proc = CoSteerLogitsProcessor(runner, contexts)
     with pytest.raises(ValueError, match="Beam search"):
         generate(large_model, tokenizer, prompts, proc, num_beams=2)
     with pytest.raises(ValueError, match="3 contexts"):
@@ -167,7 +168,7 @@ def test_beam_search_and_batch_mismatch_are_refused(large_model, tokenizer, runn
 
 
 def test_assisted_decoding_is_refused(large_model, tokenizer, runner, prompts, contexts):
-    proc = CoSteerLogitsProcessor(runner, prompts[:1], contexts[:1])
+    proc = CoSteerLogitsProcessor(runner, contexts[:1])
     with pytest.raises(RuntimeError, match="assisted/speculative decoding is not supported"):
         generate(large_model, tokenizer, prompts[:1], proc, prompt_lookup_num_tokens=3)
 
@@ -180,7 +181,7 @@ def test_wider_large_vocabulary_keeps_padded_ids_impossible(tokenizer, small_mod
     from costeer_processor.testing import build_tiny_model
     wide = build_tiny_model(tokenizer, hidden_size=128, seed=1, vocab_size=len(tokenizer) + 64)
     runner = SmallModelRunner(small_model, tokenizer)
-    proc = CoSteerLogitsProcessor(runner, prompts, contexts)
+    proc = CoSteerLogitsProcessor(runner, contexts)
     inputs = batch_inputs(tokenizer, prompts)
     scores = wide(**inputs).logits[:, -1]
     out = proc(inputs["input_ids"], scores)

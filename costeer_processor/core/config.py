@@ -46,9 +46,14 @@ MAX_GAIN = 1000.0  # |g| above this turns rows into one-hot noise (and overflows
 MAX_T = 100_000
 
 
-def number(name: str, value: Any, *, integer: bool = False) -> float | int:
-    """A real, finite number (booleans and strings refused); ``integer`` also refuses 2.5 (2.0 is fine)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+def number(name: str, value: Any, *, integer: bool = False, strict: bool = False) -> float | int:
+    """A real, finite number (booleans and strings refused).
+
+    ``integer`` also refuses 2.5; 2.0 is accepted (JSON and flags) unless ``strict`` (Python
+    callers, where an ``int`` is expected).
+    """
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or (integer and strict and not isinstance(value, int))):
         kind = "an integer" if integer else "a number"
         raise ValueError(f"{name} must be {kind}, got {type(value).__name__} {value!r}")
     if not math.isfinite(value):
@@ -126,7 +131,7 @@ class CoSteerConfig:
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
-        set_(self, "T", number("T", self.T, integer=True))
+        set_(self, "T", number("T", self.T, integer=True, strict=True))
         check_range("T", self.T, 1, MAX_T)
         for name in ("alpha", "beta", "lam", "eta"):
             set_(self, name, number(name, getattr(self, name)))
@@ -196,7 +201,7 @@ class Variants:
         set_ = object.__setattr__
         set_(self, "gate_threshold", _optional_fraction("gate_threshold", self.gate_threshold,
                                                         high_open=True, allow_zero_off=False))
-        set_(self, "gate_patience", number("gate_patience", self.gate_patience, integer=True))
+        set_(self, "gate_patience", number("gate_patience", self.gate_patience, integer=True, strict=True))
         check_range("gate_patience", self.gate_patience, 1)
         set_(self, "eos_guard", _optional_fraction("eos_guard", self.eos_guard, high_open=False,
                                                    allow_zero_off=False))
@@ -215,7 +220,7 @@ class Variants:
         if gate_patience is not None:
             patience = number(prefix + "gate_patience", gate_patience, integer=True)
             check_range(prefix + "gate_patience", patience, 1)
-        return cls(gate, patience, guard)
+        return cls(gate, int(patience), guard)
 
 
 def check_variants(gate_threshold: Optional[float], gate_patience: int, eos_guard: Optional[float]) -> Variants:
