@@ -101,8 +101,9 @@ def steer(
     ``log_softmax(ref + g * delta) == log_softmax(z_L + g * (z_S+ - z_S-))``: one fused
     expression and one normalisation instead of three ``log_softmax`` calls. Rows where the
     shortcut could differ from the definition (a non-finite small-model difference, a row of
-    ``-inf``, NaN / +inf large logits) are detected from two per-row sums and recomputed by the
-    careful three-``log_softmax`` path, so the rules below hold exactly.
+    ``-inf``, NaN / +inf large logits) are detected and the batch is recomputed by the
+    careful three-``log_softmax`` path, so the rules below hold exactly (three cheap per-row
+    reductions decide: the min and max of the difference and the max of the result).
 
     Args:
         llm_logits: ``[B, V_L]`` large-model logits (may hold ``-inf`` masks from other processors).
@@ -128,17 +129,20 @@ def steer(
     _check_shapes(llm_logits, small_logits_with_context, small_logits_without_context)
     width = min(llm_logits.shape[1], small_logits_with_context.shape[1])
     gain = _gain_column(config, llm_logits.shape[0], llm_logits.device)
-    diff = small_logits_with_context[:, :width].float()
-    if diff.data_ptr() == small_logits_with_context.data_ptr():
-        diff = diff.clone()  # float32 input: .float() did not copy
-    diff.sub_(small_logits_without_context[:, :width])
-    x = torch.addcmul(llm_logits[:, :width].float(), gain, diff)
-    lse = torch.logsumexp(x, dim=-1, keepdim=True)
-    # diff.sum is finite iff every entry of diff is; lse is finite iff the row has a finite
-    # entry and holds no NaN / +inf (from the large logits or the difference).
-    if not bool((torch.isfinite(lse).squeeze(1) & torch.isfinite(diff.sum(dim=-1))).all()):
+    with_ctx = small_logits_with_context[:, :width]
+    without_ctx = small_logits_without_context[:, :width]
+    if with_ctx.dtype == torch.float32:
+        diff = torch.sub(with_ctx, without_ctx)
+    else:  # bf16 / fp16 small model: subtract in float32
+        diff = with_ctx.float().sub_(without_ctx)
+    low, high = torch.aminmax(diff, dim=-1)
+    x = torch.addcmul(llm_logits[:, :width].float(), gain, diff, out=diff)  # z_L + g * (z_S+ - z_S-)
+    top = x.amax(dim=-1)
+    # Rows the shortcut could get wrong: a non-finite difference (delta counts as 0 there), NaN / +inf
+    # large logits (refused) or a row with no finite entry (all -inf): the careful path decides.
+    if not bool(torch.isfinite(torch.stack([low, high, top])).all()):
         return steer_careful(llm_logits, small_logits_with_context, small_logits_without_context, gain)
-    return _pad_to_large_width(x.sub_(lse), llm_logits.shape[1])
+    return _pad_to_large_width(torch.log_softmax(x, dim=-1), llm_logits.shape[1])
 
 
 def steer_careful(
