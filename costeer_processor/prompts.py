@@ -144,17 +144,23 @@ class ContextSplicer:
 
     def splice(self, prompt_text: str, context: str) -> str:
         """``prompt_text`` (already templated) with ``context`` inside its last user turn."""
+        return "".join(self.splice_parts(prompt_text, context))
+
+    def splice_parts(self, prompt_text: str, context: str) -> tuple[str, str]:
+        """:meth:`splice` as ``(shared, rest)``: ``shared`` is the part every request with this context
+        and this conversation start has in common (everything up to the end of the context with
+        ``position="before"``; empty with ``"after"``, where the context comes last)."""
         if self.position == "before":
             if self.user_header and self.user_header in prompt_text:
                 i = prompt_text.rindex(self.user_header) + len(self.user_header)
             else:
                 i = 0
-            return prompt_text[:i] + context + self.separator + prompt_text[i:]
+            return prompt_text[:i] + context + self.separator, prompt_text[i:]
         if self.user_footer and prompt_text.endswith(self.user_footer):
             i = len(prompt_text) - len(self.user_footer)
         else:
             i = len(prompt_text)
-        return prompt_text[:i] + self.separator + context + prompt_text[i:]
+        return "", prompt_text[:i] + self.separator + context + prompt_text[i:]
 
 
 class ContextBudget:

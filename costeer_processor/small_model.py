@@ -21,6 +21,7 @@ from typing import Hashable, Iterable, Optional, Sequence, Union
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
+from .kv_cache import ContextCache, growing_cache, kv_bytes, set_layer, truncate
 from .prompts import ContextBudget, ContextSplicer, ContextTooLongError, PromptLike  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
@@ -41,10 +42,20 @@ def check_rows(prompts: Sequence, contexts: Sequence[str]) -> None:
             raise TypeError(f"context {i} must be a string, got {type(c).__name__}")
 
 
+class BranchIds(list):
+    """The with-context token ids, plus ``shared``: how many leading ids are the reusable prefix
+    (chat template start + context), the part the :class:`~costeer_processor.kv_cache.ContextCache`
+    keeps. A plain list works everywhere (nothing is reused then)."""
+
+    shared: int = 0
+
+
 @dataclass
 class _Request:
     ids_with: list[int]
     ids_without: list[int]
+    shared: int = 0  # leading ids_with that form the reusable context prefix
+    salt: Optional[Hashable] = None
     fed: list[int] = field(default_factory=list)  # generated ids already in the cache
 
 
@@ -57,6 +68,9 @@ class SmallModelRunner:
         context_position / context_separator: see :class:`~costeer_processor.prompts.ContextSplicer`.
         max_context_tokens: longest with-context prompt accepted (default: the model's window);
             the rule is :class:`~costeer_processor.prompts.ContextBudget`.
+        context_cache_mb: memory cap of the reusable context-prefix cache
+            (:class:`~costeer_processor.kv_cache.ContextCache`, ``context_position="before"`` only);
+            ``0`` switches it off.
 
     Example::
 
@@ -74,7 +88,11 @@ class SmallModelRunner:
         context_position: str = "before",
         context_separator: str = "\n\n",
         max_context_tokens: Optional[int] = None,
+        context_cache_mb: float = 256,
     ):
+        if isinstance(context_cache_mb, bool) or not isinstance(context_cache_mb, (int, float)) or not (
+                0 <= context_cache_mb < float("inf")):
+            raise ValueError(f"context_cache_mb must be a number >= 0, got {context_cache_mb!r}")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.splicer = ContextSplicer(tokenizer, context_position, context_separator)
@@ -88,6 +106,9 @@ class SmallModelRunner:
         self._lengths: Optional[torch.Tensor] = None  # [2n] real tokens so far (next position id)
         self._last: Optional[torch.Tensor] = None  # [2n, V] logits after the last fed token
         self.forward_count = 0  # batched forwards run (for benchmarks and tests)
+        self.prefill_tokens = 0  # tokens run through prefill forwards (a context-cache hit saves most)
+        reusable = all(type(layer).__name__ == "GrowingLayer" for layer in growing_cache(model.config).layers)
+        self.context_cache = ContextCache(int(context_cache_mb * 2**20) if reusable else 0)
 
     # ------------------------------------------------------------------ inputs
     @property
@@ -108,10 +129,12 @@ class SmallModelRunner:
     def branch_ids_from_text(self, prompt_text: str, context: str) -> tuple[list[int], list[int]]:
         """Token ids of both branches for an already-templated prompt text."""
         self.check_context(context)
-        with_text = self.splicer.splice(prompt_text, context)
-        self.budget.check_text(with_text)
-        with_ids = self.encode_text(with_text)
+        shared_text, rest = self.splicer.splice_parts(prompt_text, context)
+        self.budget.check_text(shared_text + rest)
+        with_ids = BranchIds(self.encode_text(shared_text + rest))
         self.budget.check_tokens(len(with_ids))
+        if shared_text and self.context_cache.enabled:
+            with_ids.shared = _common_prefix_length(with_ids, self.encode_text(shared_text))
         return with_ids, self.encode_text(prompt_text)
 
     def encode_branches(self, prompt: PromptLike, context: str) -> tuple[list[int], list[int]]:
@@ -123,13 +146,19 @@ class SmallModelRunner:
         return self.budget.limit
 
     # ------------------------------------------------------------------ bookkeeping
-    def add(self, key: Hashable, ids_with: Sequence[int], ids_without: Sequence[int]) -> None:
-        """Registers a request; its prompt is prefilled at its first :meth:`step`."""
+    def add(self, key: Hashable, ids_with: Sequence[int], ids_without: Sequence[int], *,
+            salt: Optional[Hashable] = None) -> None:
+        """Registers a request; its prompt is prefilled at its first :meth:`step`.
+
+        ``salt`` (e.g. vLLM's ``cache_salt``) is part of the context-cache key: requests with
+        different salts never share cached context KV.
+        """
         if key in self._requests:
             self.remove(key)
         if not ids_with or not ids_without:
             raise ValueError("both branch prompts need at least one token")
-        self._requests[key] = _Request(list(ids_with), list(ids_without))
+        shared = min(getattr(ids_with, "shared", 0), len(ids_with) - 1)  # at least one token is run
+        self._requests[key] = _Request(list(ids_with), list(ids_without), max(shared, 0), salt)
 
     def remove(self, key: Hashable) -> None:
         """Forgets a request and frees its cache rows (no-op for unknown keys)."""
@@ -155,6 +184,12 @@ class SmallModelRunner:
     @property
     def cache_length(self) -> int:
         return 0 if self._mask is None else int(self._mask.shape[1])
+
+    def stats(self) -> dict:
+        """Requests, cached rows, KV columns and bytes, forwards, prefill tokens, context-cache figures."""
+        return {"requests": len(self._requests), "cached_rows": self.cached_rows, "cache_length": self.cache_length,
+                "kv_bytes": kv_bytes(self._cache), "forwards": self.forward_count,
+                "prefill_tokens": self.prefill_tokens, "context_cache": self.context_cache.stats()}
 
     # ------------------------------------------------------------------ the step
     @torch.inference_mode()
@@ -221,7 +256,12 @@ class SmallModelRunner:
                     step_ids[2 * i: 2 * i + 2] = tokens[key]
                     step_mask[2 * i: 2 * i + 2] = 1
         mask = torch.cat([self._mask, step_mask[:, None]], dim=1)
-        logits, self._cache = self._forward(step_ids[:, None], mask, self._lengths[:, None], self._cache)
+        columns = [layer.get_seq_length() for layer in self._cache.layers]
+        try:
+            logits, self._cache = self._forward(step_ids[:, None], mask, self._lengths[:, None], self._cache)
+        except BaseException:  # roll back the columns some layers already appended, then re-raise
+            truncate(self._cache, columns)
+            raise
         self._mask = mask
         advanced = step_mask.bool()
         self._lengths = self._lengths + step_mask.to(self._lengths.dtype)
@@ -232,14 +272,13 @@ class SmallModelRunner:
 
         The with-context branch is usually much longer (it holds the context), so the two
         branches are prefilled as two forwards, each padded only to its own longest row,
-        and interleaved afterwards.
+        and interleaved afterwards. With-context rows whose context prefix is in the
+        :class:`~costeer_processor.kv_cache.ContextCache` start from its KV and run only the rest.
         """
-        branches = []
-        for key in keys:
-            req = self._requests[key]
+        reqs = [self._requests[key] for key in keys]
+        for key, req in zip(keys, reqs):
             req.fed = list(generated[key])
-            branches.append((req.ids_with + req.fed, req.ids_without + req.fed))
-        parts = [self._prefill_rows([b[j] for b in branches]) for j in (0, 1)]
+        parts = [self._prefill_with_context(reqs), self._prefill_rows([r.ids_without + r.fed for r in reqs])]
         width = max(p[1].shape[1] for p in parts)
 
         def interleave(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
@@ -248,13 +287,31 @@ class SmallModelRunner:
 
         (cache_w, mask_w, logits_w), (cache_wo, mask_wo, logits_wo) = parts
         for lw, lwo in zip(cache_w.layers, cache_wo.layers):
-            lw.keys = interleave(lw.keys, lwo.keys, 2)
-            lw.values = interleave(lw.values, lwo.values, 2)
+            set_layer(lw, interleave(lw.keys, lwo.keys, 2), interleave(lw.values, lwo.values, 2))
         mask = interleave(mask_w, mask_wo, 1)
         logits = torch.stack([logits_w, logits_wo], dim=1).flatten(0, 1)
         self._merge(keys, cache_w, mask, mask.sum(-1), logits)
 
-    def _prefill_rows(self, seqs: list[list[int]]):
+    def _prefill_with_context(self, reqs: list[_Request]):
+        """The with-context rows: reused context KV where the cache has it, one forward for the rest."""
+        cc = self.context_cache
+        cache_keys = [cc.key(r.ids_with[:r.shared], r.salt) if cc.enabled and r.shared else None for r in reqs]
+        hits = [cc.get(k) if k is not None else None for k in cache_keys]
+        skip = [r.shared if hit is not None else 0 for r, hit in zip(reqs, hits)]
+        past = _stack_prefixes(hits, skip, self.model.config) if any(skip) else None
+        cache, mask, logits = self._prefill_rows([r.ids_with[n:] + r.fed for r, n in zip(reqs, skip)], past, skip)
+        width = mask.shape[1]
+        for r, (req, key, n) in enumerate(zip(reqs, cache_keys, skip)):
+            if key is None or n:
+                continue  # nothing to keep, or it came from the cache
+            start = width - (len(req.ids_with) + len(req.fed))
+            cc.put(key, [(layer.keys[r:r + 1, :, start:start + req.shared].clone(),
+                          layer.values[r:r + 1, :, start:start + req.shared].clone()) for layer in cache.layers])
+        return cache, mask, logits
+
+    def _prefill_rows(self, seqs: list[list[int]], past=None, offsets: Optional[list[int]] = None):
+        """One left-padded forward over ``seqs``; ``past`` = (cache, mask) of already-computed prefixes
+        of ``offsets[i]`` tokens each (right-aligned, masked holes before and after them)."""
         width = max(len(s) for s in seqs)
         dev = self.device
         ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long, device=dev)
@@ -263,7 +320,13 @@ class SmallModelRunner:
             ids[r, width - len(s):] = torch.tensor(s, device=dev)
             mask[r, width - len(s):] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits, cache = self._forward(ids, mask, positions, DynamicCache(config=self.model.config))
+        cache = growing_cache(self.model.config)
+        if past is not None:
+            cache, past_mask = past
+            positions = positions + torch.tensor(offsets, device=dev)[:, None]
+            mask = torch.cat([past_mask, mask], dim=1)
+        self.prefill_tokens += int(mask[:, -width:].sum())
+        logits, cache = self._forward(ids, mask, positions, cache)
         return cache, mask, logits
 
     def _merge(self, keys, cache: DynamicCache, mask, lengths, logits) -> None:
@@ -273,8 +336,8 @@ class SmallModelRunner:
         width = max(self._mask.shape[1], mask.shape[1])
         left_pad = _left_pad
         for old_layer, new_layer in zip(self._cache.layers, cache.layers):
-            old_layer.keys = torch.cat([left_pad(old_layer.keys, 2, width), left_pad(new_layer.keys, 2, width)])
-            old_layer.values = torch.cat([left_pad(old_layer.values, 2, width), left_pad(new_layer.values, 2, width)])
+            set_layer(old_layer, torch.cat([left_pad(old_layer.keys, 2, width), left_pad(new_layer.keys, 2, width)]),
+                      torch.cat([left_pad(old_layer.values, 2, width), left_pad(new_layer.values, 2, width)]))
         self._mask = torch.cat([left_pad(self._mask, 1, width), left_pad(mask, 1, width)])
         self._lengths = torch.cat([self._lengths, lengths])
         self._last = torch.cat([self._last, logits.to(self._last.dtype)])
@@ -293,8 +356,7 @@ class SmallModelRunner:
         used = mask.any(dim=0).nonzero()
         start = int(used[0]) if used.numel() else mask.shape[1]
         for layer in self._cache.layers:
-            layer.keys = layer.keys.index_select(0, idx)[:, :, start:]
-            layer.values = layer.values.index_select(0, idx)[:, :, start:]
+            set_layer(layer, layer.keys.index_select(0, idx)[:, :, start:], layer.values.index_select(0, idx)[:, :, start:])
         self._mask = mask[:, start:]
         self._lengths = self._lengths.index_select(0, idx)
         self._last = self._last.index_select(0, idx)
@@ -308,3 +370,33 @@ def _left_pad(t: torch.Tensor, dim: int, to: int) -> torch.Tensor:
     shape = list(t.shape)
     shape[dim] = missing
     return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+def _common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _stack_prefixes(hits, lengths: list[int], config):
+    """Cached prefix KV of some rows as one right-aligned, left-padded past cache and its mask."""
+    rows, width = len(hits), max(lengths)
+    first = next(h for h in hits if h is not None)
+    cache = growing_cache(config)
+    dev = first[0][0].device
+    mask = torch.zeros((rows, width), dtype=torch.long, device=dev)
+    for r, n in enumerate(lengths):
+        mask[r, width - n:] = 1
+    for i, layer in enumerate(cache.layers):
+        k0, v0 = first[i]
+        keys = k0.new_zeros((rows, k0.shape[1], width, k0.shape[3]))
+        values = v0.new_zeros((rows, v0.shape[1], width, v0.shape[3]))
+        for r, (hit, n) in enumerate(zip(hits, lengths)):
+            if hit is not None:
+                keys[r, :, width - n:] = hit[i][0][0]
+                values[r, :, width - n:] = hit[i][1][0]
+        set_layer(layer, keys, values)
+    return cache, mask

@@ -65,7 +65,7 @@ def test_batched_equals_per_row_reference_loop(large_model, small_model, tokeniz
 
 
 def test_zero_delta_reproduces_plain_generate(large_model, tokenizer, runner, prompts, contexts):
-    runner.splicer.splice = lambda text, context: text  # identical branches: delta == 0
+    runner.splicer.splice_parts = lambda text, context: ("", text)  # identical branches: delta == 0
     proc = CoSteerLogitsProcessor(runner, contexts)
     assert torch.equal(generate(large_model, tokenizer, prompts, proc), generate(large_model, tokenizer, prompts))
 
