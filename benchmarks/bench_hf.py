@@ -36,6 +36,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, Logi
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from costeer_processor import CoSteerConfig, SmallModelRunner, ftrl_reference  # noqa: E402
 from costeer_processor.hf import CoSteerLogitsProcessor  # noqa: E402
+from costeer_processor.prompts import with_system_prompt  # noqa: E402
 
 PROMPTS = [
     "Suggest a dinner recipe for tonight.", "Plan a weekend trip for me.", "Recommend a book to read.",
@@ -73,8 +74,7 @@ def rows(b):
 
 
 def large_inputs(tok, prompts):
-    texts = [tok.apply_chat_template([{"role": "system", "content": "You are a helpful assistant."},
-                                      {"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+    texts = [tok.apply_chat_template(with_system_prompt(p), tokenize=False, add_generation_prompt=True)
              for p in prompts]
     return tok(texts, return_tensors="pt", padding=True, padding_side="left")
 
@@ -92,7 +92,7 @@ def timed(fn, repeats):
 def research_loop(large, small, tok, prompt, context, n, cfg):
     """One prompt, three batch-1 KV caches, the literal FTRL loop each token (the release's way)."""
     runner_like = SmallModelRunner(small, tok)
-    w, wo = runner_like.encode_branches(prompt, context)
+    w, wo = runner_like.encode_branches(with_system_prompt(prompt), context)  # the large model's conversation
     lids = large_inputs(tok, [prompt])["input_ids"]
     seqs = [lids, torch.tensor([w]), torch.tensor([wo])]
     models = [large, small, small]
@@ -115,7 +115,7 @@ def bench(large, tok, small, batch_sizes, n, repeats, loop_rows):
         inputs = large_inputs(tok, prompts)
         gen = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False)
         t_plain = timed(lambda: large.generate(**inputs, **gen), repeats)
-        proc = CoSteerLogitsProcessor(runner, prompts, contexts, cfg)
+        proc = CoSteerLogitsProcessor(runner, contexts, cfg)  # reads each row's prompt from input_ids
         t_steer = timed(lambda: large.generate(**inputs, logits_processor=LogitsProcessorList([proc]), **gen), repeats)
 
         def small_only():

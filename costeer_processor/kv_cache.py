@@ -4,7 +4,7 @@
   keys and values in buffers with spare columns (:class:`GrowingLayer`), so a decode step writes one
   column in place instead of copying the whole cache (``DynamicLayer.update`` concatenates: one copy
   of every layer per step, which dominated the small model's step with long contexts). Growth is
-  amortised (25 % and at least 64 columns at a time). A failed forward can be rolled back with
+  amortised: 1/16 of the length (at least 16 columns) at a time, so spare columns stay under ~6 %. A failed forward can be rolled back with
   :func:`truncate`.
 * :class:`ContextCache` keeps the KV of with-context prefixes (chat template + system prompt + the
   personal context) in a bounded, memory-capped LRU, keyed by the exact token ids and the
@@ -23,7 +23,7 @@ from transformers.cache_utils import DynamicLayer
 
 __all__ = ["GrowingLayer", "growing_cache", "set_layer", "truncate", "kv_bytes", "ContextCache"]
 
-_MIN_GROWTH = 64
+_GROWTH = 16  # at least this many spare columns when a layer is full (and 1/16 of its length)
 
 
 class GrowingLayer(DynamicLayer):
@@ -50,7 +50,7 @@ class GrowingLayer(DynamicLayer):
         new = key_states.shape[-2]
         need = self.length + new
         if need > self._k.shape[-2]:
-            capacity = max(need + _MIN_GROWTH, int(need * 1.25))
+            capacity = need + max(_GROWTH, need // 16)
             self._k = _with_capacity(self._k, self.length, capacity)
             self._v = _with_capacity(self._v, self.length, capacity)
         self._k[..., self.length:need, :] = key_states
