@@ -54,6 +54,7 @@ class CoSteerLogitsProcessor(LogitsProcessor):
         >>> from costeer_processor.hf import CoSteerLogitsProcessor
         >>> from costeer_processor.testing import build_tiny_model, build_tiny_tokenizer
         >>> tok = build_tiny_tokenizer()
+        >>> tok.padding_side = "left"  # batched generation with a decoder-only model
         >>> large, small = build_tiny_model(tok, hidden_size=96, seed=1), build_tiny_model(tok, seed=2)
         >>> runner = SmallModelRunner(small, tok)
         >>> chats = [[{"role": "user", "content": "suggest a dinner"}], [{"role": "user", "content": "plan my weekend"}]]

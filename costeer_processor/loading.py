@@ -37,6 +37,12 @@ class CoSteerModelError(RuntimeError):
     """A model, tokenizer or preset problem the user can fix; the message says how."""
 
 
+# What reading a model folder can raise in transformers / safetensors / tokenizers: missing or
+# unreadable files (OSError), malformed JSON and unknown architectures (ValueError, KeyError),
+# missing optional packages (ImportError), corrupt weights (RuntimeError, SafetensorError is one).
+_LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, ImportError, RuntimeError)
+
+
 def normalize_dtype(dtype) -> str:
     """``"bfloat16"``, ``"float16"`` or ``"float32"`` from a name, an alias or a torch dtype."""
     name = str(dtype).replace("torch.", "").lower()
@@ -64,7 +70,7 @@ def check_causal_lm(path: PathLike):
 
     try:
         config = AutoConfig.from_pretrained(str(path))
-    except Exception as e:
+    except _LOAD_ERRORS as e:
         raise CoSteerModelError(f"{path}/config.json cannot be read by transformers ({_first_line(e)})") from None
     archs = list(getattr(config, "architectures", None) or [])
     causal_classes = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
@@ -89,7 +95,7 @@ def _read_tokenizer(path: PathLike, **kwargs):
 
     try:
         return AutoTokenizer.from_pretrained(str(path), **kwargs)
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except _LOAD_ERRORS as e:
         raise CoSteerModelError(f"cannot load the tokenizer of {path} ({_first_line(e)})") from None
 
 
@@ -136,14 +142,12 @@ def load_model(path: PathLike, dtype: str = "bfloat16", materialize: bool = True
     check_causal_lm(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype(dtype))
-    except CoSteerModelError:
-        raise
-    except Exception as e:
+    except _LOAD_ERRORS as e:
         raise CoSteerModelError(f"cannot load the model in {path} ({_first_line(e)})") from None
     if device is not None and str(device) != "cpu":
         try:
             model = model.to(device)
-        except Exception as e:
+        except (RuntimeError, ValueError, AssertionError) as e:  # unknown device, no CUDA build, out of memory
             raise CoSteerModelError(f"cannot move the model to {device} ({_first_line(e)})") from None
     elif materialize:
         _materialize(model)

@@ -74,10 +74,16 @@ class SmallModelRunner:
 
     Example::
 
-        >>> runner = SmallModelRunner(small_model, small_tokenizer)  # doctest: +SKIP
-        >>> with_ids, without_ids = runner.encode_branches("Suggest a dinner.", context="I am vegan.")  # doctest: +SKIP
-        >>> runner.add("req-0", with_ids, without_ids)  # doctest: +SKIP
-        >>> z_with, z_without = runner.step([("req-0", [])])  # logits after the prompt  # doctest: +SKIP
+        >>> from costeer_processor.testing import build_tiny_model, build_tiny_tokenizer
+        >>> tok = build_tiny_tokenizer()
+        >>> runner = SmallModelRunner(build_tiny_model(tok), tok)
+        >>> with_ids, without_ids = runner.encode_branches("Suggest a dinner.", context="I am vegan.")
+        >>> runner.add("req-0", with_ids, without_ids)
+        >>> z_with, z_without = runner.step([("req-0", [])])  # logits after the prompt
+        >>> z_next = runner.step([("req-0", [int(z_with[0].argmax())])])  # one decode step, both branches
+        >>> runner.stats()["cached_rows"], z_with.shape == z_without.shape
+        (1, True)
+        >>> runner.remove("req-0")
     """
 
     def __init__(

@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 import torch
 
 from .core import GainLike, NEG_INF, steer
+from .prompts import _TEMPLATE_ERRORS
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +34,17 @@ class VocabularyMap:
 
     Example::
 
-        >>> vmap = VocabularyMap.for_pair(large_tokenizer, small_tokenizer)  # doctest: +SKIP
-        >>> proc = CoSteerLogitsProcessor(runner, prompts, contexts, vocab_map=vmap)  # doctest: +SKIP
+        >>> from costeer_processor.testing import build_other_tokenizer, build_tiny_tokenizer
+        >>> large_tokenizer, small_tokenizer = build_tiny_tokenizer(), build_other_tokenizer()
+        >>> vmap = VocabularyMap.for_pair(large_tokenizer, small_tokenizer)
+        >>> 0 < vmap.size < len(large_tokenizer)
+        True
+        >>> large_id = large_tokenizer.convert_tokens_to_ids("<|im_end|>")  # EOS maps to EOS
+        >>> small_tokenizer.convert_ids_to_tokens(vmap.to_small([large_id]))
+        ['<|eot_id|>']
+
+    Pass it to the HF processor with the large tokenizer:
+    ``CoSteerLogitsProcessor(runner, contexts, vocab_map=vmap, large_tokenizer=large_tokenizer)``.
     """
 
     def __init__(self, large_tokenizer, small_tokenizer):
@@ -138,8 +148,12 @@ class ChatTemplateInverter:
 
     Example::
 
-        >>> inv = ChatTemplateInverter(large_tokenizer)  # doctest: +SKIP
-        >>> inv.parse(large_tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)) == msgs  # doctest: +SKIP
+        >>> from costeer_processor.testing import build_tiny_tokenizer
+        >>> tok = build_tiny_tokenizer()
+        >>> msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
+        >>> ChatTemplateInverter(tok).parse(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)) == msgs
+        True
+        >>> ChatTemplateInverter(tok).parse("plain text, no template") is None
         True
     """
 
@@ -160,7 +174,7 @@ class ChatTemplateInverter:
             bare_pre, bare_end = self._render([("user", self._U1)]).split(self._U1)
             if bare_end == self.end and bare_pre != pre:
                 self.layouts.append((bare_pre, None))
-        except Exception:  # no template, or one that drops / reorders turns: cannot invert
+        except (*_TEMPLATE_ERRORS, AttributeError):  # no template, or one that drops / reorders turns
             self.layouts = []
         if not (self.user_to_assistant and self.assistant_to_user):
             self.layouts = []
@@ -198,7 +212,7 @@ class ChatTemplateInverter:
             try:
                 if self._render([(m["role"], m["content"]) for m in messages]) == text:
                     return messages
-            except Exception:
+            except _TEMPLATE_ERRORS:
                 continue
         return None
 
