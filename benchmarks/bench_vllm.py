@@ -55,7 +55,6 @@ CONTEXTS = [
     "I have a bad knee and no gym.", "My friend loves tea and gardening.", "I wake up at 5am and meditate.",
 ]
 SYSTEM = "You are a helpful assistant."
-V1 = "costeer_processor.vllm:CoSteerLogitsProcessor"
 
 
 def resolve(name: str, dtype: str) -> Path:
@@ -229,6 +228,7 @@ def main():
 
     import openai
 
+    from costeer_processor.vllm import processor_fqcn
     from costeer_processor.vllm_server import vllm_server
 
     tiny = args.large is None
@@ -250,7 +250,7 @@ def main():
     iomp = Path(sys.prefix) / "lib" / "libiomp5.so"
     if iomp.exists():
         env["LD_PRELOAD"] = (str(iomp) + " " + os.environ.get("LD_PRELOAD", "")).strip()
-    costeer_args = base_args + ["--logits-processors", V1, "--additional-config",
+    costeer_args = base_args + ["--logits-processors", processor_fqcn(), "--additional-config",
                                 json.dumps({"costeer": {"small_model": str(small_dir), "dtype": dtype,
                                                         **({"threads": args.engine_threads}
                                                            if args.engine_threads else {})}})]

@@ -14,6 +14,8 @@ import os
 from pathlib import Path
 from typing import Optional, Union
 
+from safetensors import SafetensorError
+
 __all__ = [
     "CoSteerModelError",
     "DTYPES",
@@ -39,8 +41,8 @@ class CoSteerModelError(RuntimeError):
 
 # What reading a model folder can raise in transformers / safetensors / tokenizers: missing or
 # unreadable files (OSError), malformed JSON and unknown architectures (ValueError, KeyError),
-# missing optional packages (ImportError), corrupt weights (RuntimeError, SafetensorError is one).
-_LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, ImportError, RuntimeError)
+# missing optional packages (ImportError), corrupt weights (SafetensorError, RuntimeError).
+_LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, ImportError, RuntimeError, SafetensorError)
 
 
 def normalize_dtype(dtype) -> str:

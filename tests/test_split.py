@@ -30,6 +30,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessorLis
 from costeer_processor import CoSteerConfig, SmallModelRunner
 from costeer_processor.hf import CoSteerLogitsProcessor
 from costeer_processor.split import (
+    PROBE_TEXT,
     ServerUnavailableError,
     SplitCoSteerClient,
     SplitModeError,
@@ -40,6 +41,7 @@ from costeer_processor.testing import LoopbackProxy
 PROMPTS = ["Suggest a dinner recipe.", "Tell me about the history of tea.", "Write a story about a dragon."]
 CONTEXTS = ["I am vegan and I love spicy food.", "I prefer uplifting, warm answers.", "My hobbies are chess and hiking."]
 SECRET = "Private note: my name is Zorblax Quentin, allergic to peanuts, living at 42 Hazelmere Lane, PIN 7319."
+SECRET_UNICODE = "Je suis végétarien, j’adore le café ☕ — 東京, Zoë Ñúñez, née à Zürich."
 N_NEW = 24
 
 
@@ -61,7 +63,7 @@ def runner(pair):
 def hf_reference(pair, runner, prompt, context, max_new_tokens=N_NEW, **kw):
     """The in-process processor's greedy output (the fidelity reference)."""
     large, _, tok, _, _ = pair
-    proc = CoSteerLogitsProcessor(runner, [prompt], [context], **kw)
+    proc = CoSteerLogitsProcessor(runner, [context], **kw)  # reads the prompt from input_ids
     ids = tok(runner.splicer.render(prompt), return_tensors="pt", add_special_tokens=False)
     out = large.generate(**ids, logits_processor=LogitsProcessorList([proc]), do_sample=False,
                          max_new_tokens=max_new_tokens)
@@ -74,12 +76,14 @@ class FakeVLLM:
 
     def __init__(self, model, tokenizer, name="fake-large", *, logprobs=True, token_ids_as_ids=True,
                  tokenize_offset=0, id_offset=0, fail_first=0, break_stream_after=None, max_logprobs=-1,
-                 fail_status=503):
+                 fail_status=503, restart_after=None, restart_as=None):
         self.model, self.tok, self.name = model, tokenizer, name
         self.logprobs, self.ids_ok = logprobs, token_ids_as_ids
         self.tokenize_offset, self.id_offset = tokenize_offset, id_offset
         self.fail_first, self.fail_status = fail_first, fail_status
         self.break_stream_after, self.max_logprobs = break_stream_after, max_logprobs
+        # after this many completion requests the server "restarts" (closes the connection) as restart_as
+        self.restart_after, self.restart_as, self.completions = restart_after, dict(restart_as or {}), 0
         self.requests: list[dict] = []
         self.lock = threading.Lock()
         fake = self
@@ -90,15 +94,20 @@ class FakeVLLM:
             def log_message(self, *a):
                 pass
 
-            def _json(self, status, obj):
+            def _json(self, status, obj, close=False):
                 data = json.dumps(obj).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
+                if close:
+                    self.send_header("Connection", "close")
+                    self.close_connection = True
                 self.end_headers()
                 self.wfile.write(data)
 
             def do_GET(self):
+                with fake.lock:
+                    fake.requests.append({"path": self.path, "body": {}})
                 if self.path == "/v1/models":
                     return self._json(200, {"object": "list", "data": [
                         {"id": fake.name, "object": "model", "max_model_len": 512}]})
@@ -126,7 +135,13 @@ class FakeVLLM:
                     return self._stream(body)
                 prompts = body["prompt"] if isinstance(body["prompt"][0], list) else [body["prompt"]]
                 choices = [fake.complete(i, p, body) for i, p in enumerate(prompts)]
-                self._json(200, {"object": "text_completion", "model": fake.name, "choices": choices})
+                with fake.lock:
+                    fake.completions += 1
+                    restart = fake.completions == fake.restart_after
+                    if restart:  # this answer is the old server's last word; the next connection meets the new one
+                        for attr, value in fake.restart_as.items():
+                            setattr(fake, attr, value)
+                self._json(200, {"object": "text_completion", "model": fake.name, "choices": choices}, close=restart)
 
             def _stream(self, body):
                 self.send_response(200)
@@ -330,16 +345,131 @@ def test_generate_split_convenience(pair, fake, tiny_pair_dirs):
     assert text == res.text
 
 
+def test_abandoned_stream_blocks_no_later_call(pair, runner, fake):
+    """stream() holds no lock while the caller has a piece: a stream left open blocks nobody."""
+    refs = [hf_reference(pair, runner, PROMPTS[i], CONTEXTS[i]) for i in (0, 1)]
+    client = SplitCoSteerClient(fake.url, runner, lookahead=1)
+    pieces = client.stream(PROMPTS[0], CONTEXTS[0], max_new_tokens=N_NEW)
+    first = next(pieces)  # suspended mid-generation; `pieces` stays referenced (not closed by GC)
+    assert first and len(runner) == 1
+    done = {}
+    worker = threading.Thread(target=lambda: done.update(res=client.generate(PROMPTS[1], CONTEXTS[1],
+                                                                              max_new_tokens=N_NEW)), daemon=True)
+    worker.start()
+    worker.join(timeout=120)
+    assert "res" in done, "generate() stayed blocked behind an abandoned stream"
+    assert done["res"].token_ids == refs[1]
+    rest = "".join(pieces)  # the abandoned stream still finishes, and correctly
+    assert first + rest == client.last_result.text and client.last_result.token_ids == refs[0]
+    assert len(runner) == 0
+    # dropped without finishing: its rows are freed when the generator is closed
+    pieces = client.stream(PROMPTS[2], CONTEXTS[2], max_new_tokens=N_NEW)
+    assert next(pieces) and len(runner) == 1
+    pieces.close()
+    assert len(runner) == 0
+
+
+def test_two_clients_can_share_one_runner(pair, runner, fake):
+    """One lock per runner (not per client) and keys unique per client: concurrent clients on one runner."""
+    refs = [hf_reference(pair, runner, p, c) for p, c in zip(PROMPTS, CONTEXTS)]
+    a = SplitCoSteerClient(fake.url, runner, lookahead=1)
+    b = SplitCoSteerClient(fake.url, runner, lookahead=3)
+    got, errors = {}, []
+
+    def work(name, client, order):
+        try:
+            got[name] = [client.generate(PROMPTS[i], CONTEXTS[i], max_new_tokens=N_NEW).token_ids for i in order]
+        except Exception as e:  # reported below with the test's assertion
+            errors.append(e)
+
+    for _ in range(2):
+        threads = [threading.Thread(target=work, args=("a", a, [0, 1, 2])),
+                   threading.Thread(target=work, args=("b", b, [2, 0, 1]))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        assert not errors, errors
+        assert got["a"] == refs and got["b"] == [refs[2], refs[0], refs[1]]
+    # interleaved streams of both clients: the same prompt with two contexts, side by side in the runner
+    sa = a.stream(PROMPTS[0], CONTEXTS[0], max_new_tokens=N_NEW)
+    sb = b.stream(PROMPTS[0], CONTEXTS[1], max_new_tokens=N_NEW)
+    next(sa), next(sb)
+    assert len(runner) == 2
+    for _ in sa:
+        pass
+    assert a.last_result.token_ids == refs[0]
+    for _ in sb:
+        pass
+    assert b.last_result.token_ids == hf_reference(pair, runner, PROMPTS[0], CONTEXTS[1])
+    assert len(runner) == 0
+
+
+@pytest.mark.parametrize("restart_as,message", [
+    ({}, None),  # the same model again: the generation goes on
+    ({"name": "another-large"}, "does not serve model 'fake-large' any more"),
+    ({"tokenize_offset": 1}, "tokenizer differs"),
+])
+def test_reconnect_checks_the_server_again(pair, runner, restart_as, message):
+    with FakeVLLM(pair[0], pair[2], restart_after=3, restart_as=restart_as) as f:
+        client = SplitCoSteerClient(f.url, runner, lookahead=1)
+        if message is None:
+            res = client.generate(PROMPTS[0], CONTEXTS[0], max_new_tokens=8)
+            assert res.token_ids == hf_reference(pair, runner, PROMPTS[0], CONTEXTS[0], 8)
+        else:
+            with pytest.raises(SplitModeError, match=re.escape(message)):
+                client.generate(PROMPTS[0], CONTEXTS[0], max_new_tokens=8)
+        paths = [r["path"] for r in f.requests]
+        assert paths.count("/v1/models") == 2  # once per connection
+        assert paths.count("/tokenize") == (1 if "name" in restart_as else 2)  # (a wrong model stops the probe)
+        assert paths.index("/v1/models", 1) > 3  # the second probe came after the restart
+    assert len(runner) == 0
+
+
+@pytest.mark.parametrize("system", [None, "You are a terse assistant who loves lists."])
+def test_split_feeds_the_small_model_what_the_hf_processor_feeds_it(pair, runner, fake, monkeypatch, system):
+    """The same conversation gives the same small-model branches in split mode and in the HF processor."""
+    tok = pair[2]
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": PROMPTS[1]}, {"role": "assistant", "content": "Gladly."},
+        {"role": "user", "content": PROMPTS[0]}]
+    added = []
+    real_add = runner.add
+    monkeypatch.setattr(runner, "add", lambda key, w, wo: (added.append((list(w), list(wo))), real_add(key, w, wo)))
+    SplitCoSteerClient(fake.url, runner).generate(messages, CONTEXTS[0], max_new_tokens=2)
+    monkeypatch.undo()
+    input_ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")["input_ids"]
+    hf = CoSteerLogitsProcessor(runner, [CONTEXTS[0]])._branches_from_ids(input_ids)
+    assert added == [tuple(map(list, b)) for b in hf]
+    assert (system is not None) == (tok.decode(added[0][1]).count("<|im_start|>system") == 1)  # nothing added
+
+
 # --------------------------------------------------------------------------- privacy proxy
-def _int_lists(obj):
-    if isinstance(obj, list) and obj and all(isinstance(x, int) and not isinstance(x, bool) for x in obj):
-        yield obj
-    elif isinstance(obj, list):
+def _as_id(x):
+    """An int token id, a ``"token_id:N"`` field or a numeric string key, as an int (else None)."""
+    if isinstance(x, int) and not isinstance(x, bool):
+        return x
+    if isinstance(x, str):
+        digits = x[len("token_id:"):] if x.startswith("token_id:") else x
+        if digits.isdigit():
+            return int(digits)
+    return None
+
+
+def _id_sequences(obj):
+    """Every run of token ids in a JSON body: lists of ids, and the keys of id-keyed objects (logit_bias...)."""
+    if isinstance(obj, list):
+        ids = [_as_id(x) for x in obj]
+        if obj and all(i is not None for i in ids):
+            yield ids
         for x in obj:
-            yield from _int_lists(x)
+            yield from _id_sequences(x)
     elif isinstance(obj, dict):
+        keys = [_as_id(k) for k in obj]
+        if obj and all(k is not None for k in keys):
+            yield keys
         for x in obj.values():
-            yield from _int_lists(x)
+            yield from _id_sequences(x)
 
 
 def _contains_run(seq, run):
@@ -350,11 +480,12 @@ def _contains_run(seq, run):
 def assert_context_never_sent(records, runner, prompt, context, min_chars=8, min_ids=4):
     assert records, "the proxy saw no traffic"
     wire = "\n".join(f"{m} {p}\n{h}\n{b.decode('utf-8', 'replace')}" for m, p, h, b in records)
-    # the text (raw and JSON-escaped) and every window of min_chars characters of it
-    for form in (context, json.dumps(context)[1:-1]):
-        assert form not in wire
+    # the text and every window of min_chars characters of it (except those of the public probe
+    # text, which shares "café ☕ — " with the non-ASCII secret), raw and JSON-escaped (\uXXXX)
+    escaped = lambda text: json.dumps(text)[1:-1]  # noqa: E731
+    assert context not in wire and escaped(context) not in wire
     windows = {context[i:i + min_chars] for i in range(len(context) - min_chars + 1)}
-    leaked = sorted(w for w in windows if w in wire)
+    leaked = sorted(w for w in windows if w not in PROBE_TEXT and (w in wire or escaped(w) in wire))
     assert not leaked, f"context fragments on the wire: {leaked}"
     # the token ids: the context alone, and the span it occupies inside the with-context prompt
     with_ids, without_ids = runner.encode_branches(prompt, context)
@@ -363,26 +494,45 @@ def assert_context_never_sent(records, runner, prompt, context, min_chars=8, min
     while suf < len(without_ids) - pre and with_ids[-1 - suf] == without_ids[-1 - suf]:
         suf += 1
     spans = [runner.encode_text(context), with_ids[pre:len(with_ids) - suf]]
-    sent = [lst for _, _, _, b in records if b for lst in _int_lists(json.loads(b))]
+    sent = [ids for _, _, _, b in records if b for ids in _id_sequences(json.loads(b))]
     for span in spans:
         assert len(span) >= min_ids
         for i in range(len(span) - min_ids + 1):
             run = span[i:i + min_ids]
-            assert not any(_contains_run(lst, run) for lst in sent), f"context ids {run} were sent"
+            assert not any(_contains_run(ids, run) for ids in sent), f"context ids {run} were sent"
     # and the check is not vacuous: the public prompt's ids did go out
-    assert any(_contains_run(lst, without_ids) for lst in sent)
+    assert any(_contains_run(ids, without_ids) for ids in sent)
     # no request names token ids to score (those would be the ids the context favours)
     assert b"logprob_token_ids" not in b"".join(b for _, _, _, b in records)
 
 
-def test_privacy_on_fake_server(runner, fake):
+def test_privacy_check_catches_leaks(runner):
+    """The checker is not blind: each way of leaking the non-ASCII secret is caught."""
+    with_ids, without_ids = runner.encode_branches(PROMPTS[0], SECRET_UNICODE)
+    ids = runner.encode_text(SECRET_UNICODE)
+    public = json.dumps({"prompt": without_ids}).encode()
+    leaks = [json.dumps({"prompt": SECRET_UNICODE[5:30]}, ensure_ascii=False).encode(),  # raw UTF-8
+             json.dumps({"prompt": SECRET_UNICODE[5:30]}).encode(),  # \uXXXX escapes
+             json.dumps({"prompt": with_ids}).encode(),  # the with-context prompt
+             json.dumps({"logit_bias": {str(i): 5 for i in ids[2:7]}}).encode(),  # id-keyed
+             json.dumps({"tokens": [f"token_id:{i}" for i in ids[:4]]}).encode()]
+    assert_context_never_sent([("POST", "/v1/completions", "", public)], runner, PROMPTS[0], SECRET_UNICODE)
+    for leak in leaks:
+        with pytest.raises(AssertionError):
+            assert_context_never_sent([("POST", "/v1/completions", "", public), ("POST", "/x", "", leak)],
+                                      runner, PROMPTS[0], SECRET_UNICODE)
+
+
+@pytest.mark.parametrize("secret", [SECRET, SECRET_UNICODE])
+def test_privacy_on_fake_server(runner, fake, secret):
     proxy = LoopbackProxy(fake.url)
     try:
         client = SplitCoSteerClient(proxy.url, runner, gate_threshold=0.99)
-        client.generate(PROMPTS[0], SECRET, max_new_tokens=12)
+        client.generate(PROMPTS[0], secret, max_new_tokens=12)
         certified = SplitCoSteerClient(proxy.url, runner, top_logprobs=2, certify_levels=(16, -1))
-        assert certified.generate(PROMPTS[0], SECRET, max_new_tokens=12).escalations > 0
-        assert_context_never_sent(proxy.records, runner, PROMPTS[0], SECRET)
+        assert certified.generate(PROMPTS[0], secret, max_new_tokens=12).escalations > 0
+        assert any(b'"stream":true' in b for _, _, _, b in proxy.records)  # the hand-off went through too
+        assert_context_never_sent(proxy.records, runner, PROMPTS[0], secret)
     finally:
         proxy.close()
 
@@ -477,11 +627,14 @@ def test_vllm_privacy_through_recording_proxy(runner, vllm_url_server):
         client.generate_batch(PROMPTS[:2], [SECRET, CONTEXTS[1]], max_new_tokens=8)
         gated = SplitCoSteerClient(proxy.url, runner, gate_threshold=0.99)  # includes a streaming hand-off
         "".join(gated.stream(PROMPTS[2], SECRET, max_new_tokens=N_NEW))
+        certified.generate(PROMPTS[1], SECRET_UNICODE, max_new_tokens=N_NEW)
+        "".join(gated.stream(PROMPTS[1], SECRET_UNICODE, max_new_tokens=N_NEW))
         paths = {p for _, p, _, _ in proxy.records}
         assert {"/v1/models", "/tokenize", "/v1/completions"} <= paths
         assert any(b"\"stream\":true" in b for _, _, _, b in proxy.records)
         for prompt in (PROMPTS[0], PROMPTS[2]):  # the two prompts that went out with the secret context
             assert_context_never_sent(proxy.records, runner, prompt, SECRET)
+        assert_context_never_sent(proxy.records, runner, PROMPTS[1], SECRET_UNICODE)
     finally:
         proxy.close()
 

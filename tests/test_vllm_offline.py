@@ -139,7 +139,7 @@ def test_steered_output_equals_the_hf_processor(steer_llm, tiny_pair_dirs, texts
     n = 12
 
     def hf(prompts, contexts, **kw):
-        proc = HFProcessor(runner, prompts, contexts, **kw)
+        proc = HFProcessor(runner, contexts, **kw)  # reads each row's prompt from input_ids, as vLLM does
         enc = tok([chat_text(tok, p) for p in prompts], return_tensors="pt", padding=True, padding_side="left",
                   add_special_tokens=False)
         with torch.no_grad():
@@ -217,6 +217,26 @@ def test_finished_requests_free_the_small_model(steer_llm, texts):
 
 
 @pytest.mark.vllm
+def test_finished_gated_requests_leave_nothing_parked(steer_llm, texts):
+    """Gated requests carry state worth keeping across preemption; once finished (max_tokens, or a stop
+    string, which the engine only sees as the request leaving the batch) nothing of them is kept."""
+    gate = {"costeer_gate_threshold": 0.999, "costeer_gate_patience": 100}  # every step confident: a streak
+    full = [o.outputs[0].text for o in steer_llm.generate(texts, [greedy(12, c, extra=gate) for c in CONTEXTS],
+                                                          use_tqdm=False)]
+    stops = [t[len(t) // 2: len(t) // 2 + 3] for t in full]
+    assert all(len(s) == 3 for s in stops)
+    flush(steer_llm)
+    before = stats(steer_llm)
+    outs = steer_llm.generate(texts, [greedy(12, c, extra=gate, stop=[s]) for c, s in zip(CONTEXTS, stops)],
+                              use_tqdm=False)
+    assert all(o.outputs[0].stop_reason == s for o, s in zip(outs, stops))  # ended by the stop strings
+    flush(steer_llm)
+    after = stats(steer_llm)
+    assert after["steps"] > before["steps"]
+    assert after["parked"] == 0 and after["steered_handles"] == 0 and after["requests"] == 0
+
+
+@pytest.mark.vllm
 @pytest.mark.parametrize("extra,match", [
     ({"costeer_context": "x", "costeer_T": 0}, "costeer_T"),
     ({"costeer_context": "x", "costeer_alpha": float("nan")}, "costeer_alpha"),
@@ -228,6 +248,7 @@ def test_finished_requests_free_the_small_model(steer_llm, texts):
     ({"costeer_context": "word " * 600}, "costeer_context: .*over the limit"),
     ({"costeer_context": "x", "costeer_gate_threshold": 1.5}, "costeer_gate_threshold"),
     ({"costeer_context": "x", "costeer_T": 100, "costeer_alpha": 10.0}, "gain .* must be at most"),
+    ({"costeer_context": "x", "costeer_T": True}, "costeer_T must be an integer, got bool"),
 ])
 def test_invalid_arguments_are_refused_and_the_engine_keeps_serving(steer_llm, texts, extra, match):
     from vllm import SamplingParams
@@ -272,10 +293,12 @@ class Driver:
             r["out"].append(tok)
 
 
-def make_request(tok, prompt, context, **extra):
+def make_request(tok, prompt, context, max_tokens=256, **extra):
+    from vllm import SamplingParams
+
     args = {"costeer_context": context, **extra} if context else None
     return {"prompt": tok(chat_text(tok, prompt), add_special_tokens=False)["input_ids"], "out": [],
-            "params": SimpleNamespace(extra_args=args)}
+            "params": SamplingParams(max_tokens=max_tokens, temperature=0.0, extra_args=args)}
 
 
 @pytest.fixture(scope="module")
@@ -409,7 +432,7 @@ def test_v1_gating_switches_off_and_survives_preemption(v1_parts):
     assert proc.runner.cached_rows == 1 and proc.steered_rows[0].streak == 1
     d.rows = []
     d.update(removed=[0])  # preempted with a streak of 1: parked, small-model rows freed
-    assert proc.runner.cached_rows == 0 and len(proc.engine._parked) == 1
+    assert proc.runner.cached_rows == 0 and len(proc.engine.parking) == 1
     d.rows = [r]
     d.update(added=[(0, r["params"], r["prompt"], r["out"])])
     d.step()  # second confident step: switched off now
@@ -447,7 +470,7 @@ def test_mismatched_tokenizer_is_mapped_or_refused(tiny_pair_dirs, tmp_path):
     build_tiny_model(other_tok).save_pretrained(tmp_path / "other")
     other_tok.save_pretrained(tmp_path / "other")
     # vocab_map "off" refuses another tokenizer; the default ("auto") steers on the shared tokens
-    with pytest.raises(ValueError, match="does not match the large model.*vocab_map is 'off'"):
+    with pytest.raises(ValueError, match="different tokenizers.*vocab_map is 'off'"):
         CoSteerLogitsProcessor(fake_vllm_config(tiny_pair_dirs[0], {"small_model": str(tmp_path / "other"),
                                                                     "vocab_map": "off"}),
                                torch.device("cpu"), False)
@@ -491,3 +514,191 @@ def test_v1_threads_setting_is_scoped_to_the_small_model(v1_parts):
     proc.update_state(BatchUpdate(batch_size=1, removed=[], moved=[], added=[(0, r["params"], r["prompt"], r["out"])]))
     proc.apply(torch.randn(1, len(tok)))
     assert seen == [1] and torch.get_num_threads() == before
+
+
+def test_v1_finished_requests_are_not_parked_preempted_ones_are(v1_parts):
+    """A row that leaves is parked (AdaCoSteer state kept) only while its request may still come back."""
+    from vllm.v1.sample.logits_processor import BatchUpdate
+
+    tok, model, new_proc = v1_parts
+    proc = new_proc(gate_threshold=0.999, gate_patience=10)  # every step counts as confident: state to keep
+    d = Driver(proc, model)
+    reqs = [make_request(tok, PROMPTS[i], CONTEXTS[i], max_tokens=3 if i == 0 else 256) for i in range(3)]
+    d.rows = list(reqs)
+    d.update(added=[(i, r["params"], r["prompt"], r["out"]) for i, r in enumerate(reqs)])
+    for _ in range(3):
+        d.step()
+    assert all(h.streak == 3 for h in proc.steered_rows.values())
+    eos_req = reqs[2]
+    eos_req["params"]._eos_token_id = eos_req["out"][-1]  # as if its last token were EOS: finished too
+    d.rows = []
+    d.update(removed=[0, 1, 2])  # 0 reached max_tokens, 2 ended with EOS: gone; 1 was preempted
+    assert len(proc.engine.parking) == 1 and proc.runner.cached_rows == 0
+    handle_1 = proc.engine.parking.take(reqs[1]["params"], len(reqs[1]["out"]))
+    assert handle_1 is not None and handle_1.streak == 3
+    proc.engine.parking.put(handle_1)
+    # vLLM dropping the request (aborted while preempted) drops the parked handle with it
+    del reqs[1], handle_1
+    assert len(proc.engine.parking) == 0
+    # a fresh request never takes a parked handle, even with the same SamplingParams object
+    r = make_request(tok, PROMPTS[3], CONTEXTS[3])
+    proc.update_state(BatchUpdate(batch_size=1, removed=[], moved=[], added=[(0, r["params"], r["prompt"], r["out"])]))
+    d.rows = [r]
+    d.step()
+    proc.update_state(BatchUpdate(batch_size=0, removed=[0], moved=[], added=[]))
+    assert len(proc.engine.parking) == 1
+    twin = {**r, "out": []}  # an unseeded n > 1 sibling: same params object, no output yet
+    proc.update_state(BatchUpdate(batch_size=1, removed=[], moved=[], added=[(0, twin["params"], twin["prompt"],
+                                                                             twin["out"])]))
+    assert proc.steered_rows[0].streak == 0 and len(proc.engine.parking) == 1
+
+
+def test_v1_n_children_sharing_one_params_object_are_steered_separately(v1_parts):
+    tok, model, new_proc = v1_parts
+    steps = 5
+    want = run_alone(v1_parts, (PROMPTS[1], CONTEXTS[1]), steps)
+    d = Driver(new_proc(), model)
+    first = make_request(tok, PROMPTS[1], CONTEXTS[1])
+    d.rows = [{**first, "out": []} for _ in range(3)]
+    d.update(added=[(i, r["params"], r["prompt"], r["out"]) for i, r in enumerate(d.rows)])
+    for _ in range(steps):
+        d.step()
+    assert [r["out"] for r in d.rows] == [want] * 3
+    assert len({id(h) for h in d.proc.steered_rows.values()}) == 3
+
+
+def test_v1_warnings_are_bounded_per_reason(v1_parts, caplog):
+    """Per-request failures warn once per reason: the set of warned keys cannot grow with traffic."""
+    from vllm.v1.sample.logits_processor import BatchUpdate
+
+    tok, model, new_proc = v1_parts
+    proc = new_proc()
+    engine = proc.engine
+    for i in range(50):
+        r = make_request(tok, PROMPTS[0], CONTEXTS[0])
+        r["params"].extra_args["costeer_T"] = 0  # passed no frontend: refused by the engine, left unsteered
+        proc.update_state(BatchUpdate(batch_size=1, removed=[0] if i else [], moved=[],
+                                      added=[(0, r["params"], r["prompt"], r["out"])]))
+    assert proc.steered_rows == {}
+    logits = torch.randn(3, len(tok))
+    logits[:, 0] = float("nan")
+    reqs = [make_request(tok, PROMPTS[i], CONTEXTS[i]) for i in range(3)]
+    for _ in range(20):
+        proc.update_state(BatchUpdate(batch_size=3, removed=[], moved=[],
+                                      added=[(i, r["params"], r["prompt"], r["out"]) for i, r in enumerate(reqs)]))
+        proc.apply(logits.clone())
+    assert engine._warned == {"bad-args", "nonfinite"}
+
+
+# ------------------------------------------------------------------------------------------------
+# arguments and the frontend check (no engine: validate_params as vLLM's frontend calls it)
+# ------------------------------------------------------------------------------------------------
+NUMERIC_ARGS = ["costeer_strength", "costeer_T", "costeer_alpha", "costeer_beta", "costeer_lam", "costeer_eta",
+                "costeer_gate_threshold", "costeer_gate_patience", "costeer_eos_guard"]
+
+
+@pytest.mark.parametrize("name", NUMERIC_ARGS)
+@pytest.mark.parametrize("value", [True, False])
+def test_booleans_are_refused_for_every_numeric_argument(name, value, tiny_pair_dirs):
+    from vllm import SamplingParams
+
+    from costeer_processor.vllm import CoSteerLogitsProcessor, EngineSettings, parse_request_args
+    from costeer_processor.vllm.settings import REQUEST_ARGS
+
+    assert REQUEST_ARGS[name] in ("int", "float")
+    extra = {"costeer_context": "I am vegan.", name: value}
+    with pytest.raises(ValueError, match=f"^{name} must be an? (integer|number), got bool {value}"):
+        parse_request_args(extra)
+    with pytest.raises(ValueError, match=f"{name} must be an? (integer|number), got bool"):
+        CoSteerLogitsProcessor.validate_params(SamplingParams(extra_args=extra))
+    key = name[len("costeer_"):]
+    with pytest.raises(ValueError, match=f"CoSteer engine settings: {key} must be an? (integer|number), got bool"):
+        EngineSettings.from_sources({"costeer": {"small_model": str(tiny_pair_dirs[1]), key: value}}, environ={})
+
+
+@pytest.mark.parametrize("key", ["threads", "max_context_tokens"])
+def test_booleans_are_refused_for_numeric_engine_settings(key):
+    from costeer_processor.vllm import EngineSettings
+
+    with pytest.raises(ValueError, match=f"{key} must be an integer, got bool"):
+        EngineSettings(**{key: True})
+
+
+def test_defaults_are_the_cores():
+    from costeer_processor.core import CoSteerConfig, Variants
+    from costeer_processor.vllm import EngineSettings
+
+    s = EngineSettings()
+    assert (s.T, s.alpha, s.beta, s.lam, s.eta, s.strength) == (
+        CoSteerConfig.T, CoSteerConfig.alpha, CoSteerConfig.beta, CoSteerConfig.lam, CoSteerConfig.eta, None)
+    assert s.variants == Variants() and s.config == CoSteerConfig()
+    assert s.default_gain == CoSteerConfig().gain
+
+
+@pytest.fixture
+def frontend_cfg(tiny_pair_dirs, monkeypatch):
+    """What vLLM's frame shows validate_params: the engine config (and the prompt ids, set per test)."""
+    from costeer_processor.vllm import frontend
+
+    monkeypatch.delenv("COSTEER_SMALL_MODEL", raising=False)
+    seen = {"cfg": fake_vllm_config(tiny_pair_dirs[0], {"small_model": str(tiny_pair_dirs[1])}), "ids": None}
+    monkeypatch.setattr(frontend, "caller_engine_context", lambda: (seen["cfg"], seen["ids"]))
+    return seen
+
+
+def _validate(context):
+    from vllm import SamplingParams
+
+    from costeer_processor.vllm import CoSteerLogitsProcessor
+
+    CoSteerLogitsProcessor.validate_params(SamplingParams(extra_args={"costeer_context": context}))
+
+
+def test_frontend_counts_the_prompt_with_the_context(frontend_cfg, tiny_pair_dirs):
+    tok = AutoTokenizer.from_pretrained(str(tiny_pair_dirs[0]))
+    context = "I like green tea. " * 30  # ~330 tokens: fits the small model's 512-token window alone ...
+    _validate(context)
+    frontend_cfg["ids"] = tok(chat_text(tok, "Tell me about the history of tea. " * 25),
+                              add_special_tokens=False)["input_ids"]  # ~230 tokens
+    with pytest.raises(ValueError, match="costeer_context: context \\+ prompt is .* over the limit of 512"):
+        _validate(context)  # ... but not next to this long prompt
+
+
+def test_frontend_fails_closed(frontend_cfg, tiny_pair_dirs, monkeypatch):
+    # the settings are visible but the prompt ids are not: the context alone is still checked
+    _validate("I am vegan.")
+    with pytest.raises(ValueError, match="costeer_context: .*over the limit of 512"):
+        _validate("word " * 600)
+    # nothing visible and no COSTEER_SMALL_MODEL: a steered request is refused, not admitted unchecked
+    frontend_cfg["cfg"] = None
+    with pytest.raises(ValueError, match="cannot check costeer_context here: vLLM's engine config is not visible"):
+        _validate("I am vegan.")
+    from vllm import SamplingParams
+
+    from costeer_processor.vllm import CoSteerLogitsProcessor
+
+    CoSteerLogitsProcessor.validate_params(SamplingParams(extra_args={"other": 1}))  # unsteered: nothing to check
+    # nothing visible but the environment names the small model: the context alone is checked
+    monkeypatch.setenv("COSTEER_SMALL_MODEL", str(tiny_pair_dirs[1]))
+    _validate("I am vegan.")
+    with pytest.raises(ValueError, match="costeer_context: .*over the limit of 512"):
+        _validate("word " * 600)
+    # a small model the frontend cannot load: refused with the reason
+    monkeypatch.setenv("COSTEER_SMALL_MODEL", str(tiny_pair_dirs[1] / "missing"))
+    with pytest.raises(ValueError, match="cannot check costeer_context here: .*cannot resolve the small model"):
+        _validate("I am vegan.")
+
+
+def test_frontend_refuses_a_huge_context_before_tokenising(frontend_cfg, tiny_pair_dirs, monkeypatch):
+    from costeer_processor.vllm.frontend import BranchBuilder
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_pair_dirs[0]))
+    frontend_cfg["ids"] = tok(chat_text(tok, "Hi"), add_special_tokens=False)["input_ids"]
+    _validate("I am vegan.")  # builds the checker
+
+    def no_tokenising(*a, **k):
+        raise AssertionError("a context that cannot fit was tokenised")
+
+    monkeypatch.setattr(BranchBuilder, "encode_text", no_tokenising)
+    with pytest.raises(ValueError, match="costeer_context: the context is 20,000,000 characters, .*over the limit"):
+        _validate("x" * 20_000_000)

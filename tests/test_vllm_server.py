@@ -11,7 +11,6 @@ import pytest
 pytestmark = pytest.mark.vllm
 
 SYSTEM = "You are a helpful assistant."
-V1 = "costeer_processor.vllm:CoSteerLogitsProcessor"
 TOPICS = ["dinner", "tea", "dragons", "chess", "rain", "bread", "rivers", "music",
           "gardens", "trains", "autumn", "coffee", "stars", "cities", "forests", "oceans"]
 CONTEXTS = [f"I love {t} and I answer in a warm, hopeful tone. Profile {i}." for i, t in enumerate(TOPICS)]
@@ -19,10 +18,11 @@ CONTEXTS = [f"I love {t} and I answer in a warm, hopeful tone. Profile {i}." for
 
 @pytest.fixture(scope="module")
 def server(tiny_pair_dirs, tmp_path_factory):
+    from costeer_processor.vllm import processor_fqcn
     from costeer_processor.vllm_server import vllm_server
 
     large, small = tiny_pair_dirs
-    args = ["--logits-processors", V1,
+    args = ["--logits-processors", processor_fqcn(),  # the class for the runner this vLLM will use
             "--additional-config", json.dumps({"costeer": {"small_model": str(small), "max_context_tokens": 200}}),
             "--dtype", "float32", "--max-model-len", "256", "--max-num-seqs", "16", "--enforce-eager",
             "--served-model-name", "tiny", "--disable-log-stats"]

@@ -133,10 +133,12 @@ def parts(tiny_pair_dirs):
     return tok, model, factory
 
 
-def make_request(tok, prompt, context, **extra):
+def make_request(tok, prompt, context, max_tokens=256, **extra):
+    from vllm import SamplingParams
+
     args = {"costeer_context": context, **extra} if context else None
     return {"prompt": tok(chat_text(tok, prompt), add_special_tokens=False)["input_ids"], "out": [],
-            "params": SimpleNamespace(extra_args=args)}
+            "params": SamplingParams(max_tokens=max_tokens, temperature=0.0, extra_args=args)}
 
 
 def alone(parts, prompt, context, steps, **costeer):
@@ -167,7 +169,7 @@ def test_v2_equals_the_hf_processor(parts, tiny_pair_dirs):
     runner = SmallModelRunner(small, tok)
     n = 10
     for p, c in zip(PROMPTS[:2], CONTEXTS[:2]):
-        proc = HFProcessor(runner, [p], [c])
+        proc = HFProcessor(runner, [c])  # reads the prompt from input_ids, as the V2 processor does
         enc = tok([chat_text(tok, p)], return_tensors="pt", add_special_tokens=False)
         with torch.no_grad():
             out = model.generate(**enc, max_new_tokens=n, min_new_tokens=n, do_sample=False,
@@ -254,17 +256,92 @@ def test_v2_gating_state_follows_a_preempted_request(parts):
     tok, model, factory = parts
     r = Runner(factory(gate_threshold=0.999, gate_patience=2), model)
     reqs = {0: make_request(tok, PROMPTS[0], CONTEXTS[0]), 1: make_request(tok, PROMPTS[1], None)}
-    r.add(1, reqs[1])  # occupies slot 0, so request 0 lands elsewhere after resumption
+    r.add(1, reqs[1])  # occupies slot 0
     r.add(0, reqs[0])
     r.step([0, 1], reqs)
-    handle = r.proc._slots[r.slot_of[0]]
+    old_slot = r.slot_of[0]
+    handle = r.proc._slots[old_slot]
     assert handle.streak == 1 and handle.active
-    r.remove(0)
-    r.remove(1)
+    r.remove(0)  # preempted: V2 frees the slot without telling the processor
+    r.free.insert(0, r.free.pop())  # ... and hands out another slot when the request comes back
+    r.step([1], reqs)  # the step that preempted it runs without it (vLLM resumes a step later at the earliest)
+    assert r.proc.runner.cached_rows == 0
     r.add(0, reqs[0])  # resumed in another slot with the same SamplingParams object
-    r.step([0], reqs)
-    assert r.proc._slots[r.slot_of[0]] is handle
+    assert r.slot_of[0] != old_slot and old_slot not in r.proc._slots
+    r.step([0, 1], reqs)
+    assert r.proc._slots[r.slot_of[0]] is handle and r.proc.resumed == 1
     assert handle.streak == 2 and not handle.active and r.proc.runner.cached_rows == 0
+
+
+def test_v2_gating_state_survives_slot_reuse_and_finished_requests_are_forgotten(parts):
+    tok, model, factory = parts
+    r = Runner(factory(gate_threshold=0.999, gate_patience=3), model)
+    reqs = {0: make_request(tok, PROMPTS[0], CONTEXTS[0]), 1: make_request(tok, PROMPTS[1], CONTEXTS[1], max_tokens=2)}
+    r.add(0, reqs[0])
+    r.add(1, reqs[1])
+    r.step([0, 1], reqs)
+    r.step([0, 1], reqs)  # request 1 has its max_tokens now: finished
+    handle = r.proc._slots[r.slot_of[0]]
+    assert handle.streak == 2
+    r.remove(0)  # preempted
+    r.remove(1)  # finished
+    reqs[2], reqs[3] = make_request(tok, PROMPTS[2], None), make_request(tok, PROMPTS[3], None)
+    r.add(2, reqs[2])  # both freed slots are reused: their handles are closed
+    r.add(3, reqs[3])
+    assert len(r.proc.engine.parking) == 1  # the preempted one only: a finished request is never parked
+    r.step([2, 3], reqs)
+    r.add(0, reqs[0])
+    assert r.proc._slots[r.slot_of[0]] is handle and len(r.proc.engine.parking) == 0
+    r.step([0, 2, 3], reqs)
+    assert handle.streak == 3 and not handle.active
+    # a parked request that vLLM drops (aborted while preempted) leaves the parking with it
+    r.remove(0)
+    reqs[4] = make_request(tok, PROMPTS[0], None)
+    r.step([2, 3], reqs)
+    r.add(4, reqs[4])  # reuses request 0's slot: its (switched-off) handle is parked ...
+    assert len(r.proc.engine.parking) == 1
+    del reqs[0], handle
+    assert len(r.proc.engine.parking) == 0  # ... until its SamplingParams are gone
+
+
+def test_v2_n_children_sharing_one_params_object_are_steered_separately(parts):
+    """vLLM gives unseeded ``n > 1`` children one SamplingParams object: each is still its own request."""
+    tok, model, factory = parts
+    steps = 5
+    want = alone(parts, PROMPTS[0], CONTEXTS[0], steps)
+    r = Runner(factory(), model)
+    first = make_request(tok, PROMPTS[0], CONTEXTS[0])
+    reqs = {i: {**first, "out": []} for i in range(3)}  # same prompt, same params object
+    for i in reqs:
+        r.add(i, reqs[i])
+    assert len({id(h) for h in r.proc._slots.values()}) == 3
+    for _ in range(steps):
+        r.step(list(reqs), reqs, random.Random(0))
+    assert all(reqs[i]["out"] == want for i in reqs)
+    assert r.proc.runner.cached_rows == 3
+
+
+@pytest.mark.parametrize("env,triton,config,want", [
+    ("1", False, None, "V2"), ("0", True, None, "V1"), (None, True, None, "V2"), (None, False, None, "V1"),
+    ("1", False, False, "V1"), (None, False, True, "V2"),
+])
+def test_processor_fqcn_follows_the_runner_vllm_picks(monkeypatch, env, triton, config, want):
+    import vllm.envs
+    from vllm import triton_utils
+
+    from costeer_processor.vllm import V1_PROCESSOR, V2_PROCESSOR, processor_fqcn
+
+    if env is None:
+        monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
+    else:
+        monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", env)
+    if vllm.envs._is_envs_cache_enabled():  # pragma: no cover - only after an in-process engine
+        monkeypatch.setattr(vllm.envs, "__getattr__", vllm.envs.__getattr__.__wrapped__)
+    monkeypatch.setattr(triton_utils, "HAS_TRITON", triton)
+    cfg = None if config is None else SimpleNamespace(use_v2_model_runner=config)  # the engine's own decision wins
+    assert processor_fqcn(cfg) == {"V1": V1_PROCESSOR, "V2": V2_PROCESSOR}[want]
+    if config is None:
+        assert processor_fqcn() == processor_fqcn(None)
 
 
 def test_v2_refuses_speculative_decoding(tiny_pair_dirs):

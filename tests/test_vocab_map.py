@@ -141,8 +141,9 @@ def hf_mapped(mixed, prompt, context, n, **kw):
     """The HF processor with a vocabulary map: the reference for every other place."""
     large, small, large_tok, small_tok, _, _ = mixed
     runner = SmallModelRunner(small, small_tok)
-    proc = CoSteerLogitsProcessor(runner, [prompt], [context], vocab_map=VocabularyMap.for_pair(large_tok, small_tok),
-                                  **kw)
+    # the prompt is read from input_ids (as vLLM reads prompt ids) and bridged to the small model's template
+    proc = CoSteerLogitsProcessor(runner, [context], vocab_map=VocabularyMap.for_pair(large_tok, small_tok),
+                                  large_tokenizer=large_tok, **kw)
     enc = large_tok(_chat(large_tok, prompt), return_tensors="pt", add_special_tokens=False)
     with torch.no_grad():
         out = large.generate(**enc, max_new_tokens=n, min_new_tokens=n, do_sample=False,
@@ -233,6 +234,28 @@ def test_vllm_vocab_map_setting_is_checked(mixed_pair_dirs, value, match):
     with pytest.raises(ValueError, match=match):
         V1(fake_vllm_config(large_dir, {"small_model": str(small_dir), "vocab_map": value}), torch.device("cpu"),
            False)
+
+
+def test_vllm_unmapped_outputs_switch_requests_off_and_warn_once(mixed):
+    """A token the small model lacks (chosen while unsteered) switches its request off; one warning for all."""
+    from test_vllm_offline import fake_vllm_config, make_request
+    from vllm.v1.sample.logits_processor import BatchUpdate
+
+    from costeer_processor.vllm import CoSteerLogitsProcessor as V1
+
+    large, small, large_tok, small_tok, large_dir, small_dir = mixed
+    proc = V1(fake_vllm_config(large_dir, {"small_model": str(small_dir)}), torch.device("cpu"), False)
+    mapped = set(proc.engine.vocab_map.large_ids.tolist())
+    unmapped = next(i for i in range(len(large_tok)) if i not in mapped)
+    reqs = [make_request(large_tok, PROMPTS[i % 3], CONTEXTS[i % 3]) for i in range(20)]
+    for r in reqs:
+        r["out"].append(unmapped)
+    proc.update_state(BatchUpdate(batch_size=20, removed=[], moved=[],
+                                  added=[(i, r["params"], r["prompt"], r["out"]) for i, r in enumerate(reqs)]))
+    logits = torch.randn(20, large.config.vocab_size)
+    assert torch.equal(proc.apply(logits.clone()), logits)
+    assert len(proc.steered_rows) == 20 and not any(h.active for h in proc.steered_rows.values())
+    assert proc.engine._warned == {"unmapped"} and proc.runner.cached_rows == 0
 
 
 @pytest.mark.vllm

@@ -142,7 +142,7 @@ def find_wordnet():
             reader = (WordNetCorpusReader if (Path(str(root)) / "index.sense").exists() else _EnglishWordNet)(root, None)
         reader.synsets("dog")  # fail here, not in the middle of an evaluation
         return reader
-    except Exception:  # OSError / PermissionError / a broken database
+    except (OSError, LookupError, ValueError, IndexError):  # unreadable files or a broken database
         return None
 
 

@@ -3,8 +3,8 @@
 Run ``python benchmarks/eval.py --help`` (or ``python -m costeer_processor.eval``). Every
 generation is appended to ``<out>/eval_<name>_generations/<task>__<system>.jsonl`` as soon as
 its batch finishes; running the same command again skips ids already there (resume), then
-recomputes every metric from the files and rewrites ``eval_<name>.json``, ``eval_<name>.md``
-and the plots.
+recomputes every metric from the files (:mod:`.report`) and rewrites ``eval_<name>.json``,
+``eval_<name>.md`` and the plots.
 """
 
 from __future__ import annotations
@@ -20,15 +20,14 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .metrics import (distinct_n, install_wordnet_from_deb, meteor, meteor_available, rouge_scores, sentiment,
-                      summary_stats, word_count)
-from .systems import BASE_SYSTEMS, DEFAULT_GAIN, System, make_systems, sweep_system
-from .tasks import PREFERENCE_TARGETS, Task, longlamp_task, preference_tasks, sotu_task
+from ..core import Variants
+from .metrics import install_wordnet_from_deb, meteor_available
+from .report import file_key, markdown, read_jsonl, summarize
+from .systems import BASE_SYSTEMS, DEFAULT_GAIN, RELEASE_GATE_THRESHOLD, System, make_systems, sweep_system
+from .tasks import Task, longlamp_task, preference_tasks, sotu_task
 
 SCHEMA = "costeer_eval/1"
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_PROMPTS = REPO_ROOT.parent / "shared" / "data" / "preference_prompts.jsonl"
-DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results"
+DEFAULT_OUT = Path("benchmarks") / "results"  # under the current folder (benchmarks/eval.py passes its own)
 DEFAULT_SWEEP = "0,0.5,1,default,3"
 # Settings that change generations: a resumed run must use the same ones.
 _GEN_KEYS = ("large", "small", "dtype", "max_new_tokens", "eos_guard", "gate_threshold", "gate_patience", "seed",
@@ -36,7 +35,7 @@ _GEN_KEYS = ("large", "small", "dtype", "max_new_tokens", "eos_guard", "gate_thr
 
 
 # --------------------------------------------------------------------------- arguments
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(default_out: Path = DEFAULT_OUT) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="benchmarks/eval.py",
         description="Evaluate CoSteer against its baselines on preference alignment and LaMP-style "
@@ -49,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", default="preference,sotu",
                    help="comma list of: preference, sotu, longlamp (longlamp needs --longlamp FILE)")
     p.add_argument("--prefs", default="concise,verbose,uplifting,creative", help="preferences to run")
-    p.add_argument("--prompts", default=str(DEFAULT_PROMPTS), help="preference prompts JSONL (id, input)")
+    p.add_argument("--prompts", default=None,
+                   help="preference prompts JSONL (id, input); default: the 200 Personal Preference Eval prompts "
+                        "shipped in the package")
     p.add_argument("--longlamp", action="append", default=[], metavar="FILE",
                    help="a LongLaMP-format JSONL (input, output, top_5 or profile); repeatable")
     p.add_argument("--longlamp-kind", default="auto", choices=("auto", "abstract", "review", "writing"))
@@ -65,14 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "default costeer); empty to skip")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=None, help="default 128 (--quick: 8)")
-    p.add_argument("--gate-threshold", type=float, default=0.1)
-    p.add_argument("--gate-patience", type=int, default=3)
+    p.add_argument("--gate-threshold", type=float, default=RELEASE_GATE_THRESHOLD,
+                   help="AdaCoSteer threshold of costeer_gate (default %(default)s, the release's)")
+    p.add_argument("--gate-patience", type=int, default=Variants.gate_patience, help="default %(default)s")
     p.add_argument("--eos-guard", type=float, default=None, help="stop when the large model's P(EOS) exceeds this")
     p.add_argument("--throughput-batch-sizes", default=None,
                    help="batch sizes for the throughput plot (default 1,2,4,8; --quick: 1,2); empty to skip")
     p.add_argument("--throughput-tokens", type=int, default=None, help="tokens per row there (default 32)")
     p.add_argument("--throughput-systems", default="large,costeer")
-    p.add_argument("--out", default=str(DEFAULT_OUT), help="results folder")
+    p.add_argument("--out", default=str(default_out), help="results folder (default %(default)s)")
     p.add_argument("--name", default=None, help="run name: files are eval_<name>.* (default: quick / default)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: min(2, cores))")
     p.add_argument("--overwrite", action="store_true", help="discard this run name's earlier generations")
@@ -116,7 +118,7 @@ def build_tasks(args) -> list[Task]:
         if t not in ("preference", "sotu", "longlamp"):
             raise SystemExit(f"unknown task {t!r}; choose from preference, sotu, longlamp")
     if "preference" in names:
-        tasks += preference_tasks(Path(args.prompts), _csv(args.prefs), args.n)
+        tasks += preference_tasks(args.prompts and Path(args.prompts), _csv(args.prefs), args.n)
     if "sotu" in names:
         tasks.append(sotu_task(args.n, seed=args.seed, record_words=args.sotu_record_words,
                                ref_min_words=args.sotu_ref_min_words, ref_max_words=args.sotu_ref_max_words))
@@ -157,8 +159,6 @@ def build_systems(args) -> tuple[list[System], dict[float, str]]:
 
 
 def load_models(args):
-    import torch
-
     from .systems import Models
 
     if args.quick:
@@ -168,54 +168,18 @@ def load_models(args):
         large = build_tiny_model(tok, hidden_size=128, seed=1, max_position_embeddings=4096)
         small = build_tiny_model(tok, hidden_size=64, seed=2, max_position_embeddings=4096)
         return Models(large, small, tok, tok, "tiny-large (random)", "tiny-small (random)")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from ..loading import load_model, load_tokenizer
+    from ..models import resolve_model
 
-    try:
-        from ..models import resolve_model
-    except ImportError:  # models.py not there: plain folders only
-        def resolve_model(name, dtype="bfloat16"):
-            path = Path(name).expanduser()
-            if not path.is_dir():
-                raise SystemExit(f"{name} is not a model folder (and costeer_processor.models is unavailable)")
-            return path
-    dtype = getattr(torch, args.dtype)
-    loaded = []
-    for name in (args.large, args.small):
-        path = resolve_model(name, dtype=args.dtype)
-        tok = AutoTokenizer.from_pretrained(str(path))
-        if tok.pad_token_id is None:
-            tok.pad_token = tok.eos_token
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
-        loaded.append((model, tok, str(path)))
-    (lm, ltok, lpath), (sm, stok, spath) = loaded
-    return Models(lm, sm, ltok, stok, f"{args.large} ({lpath})", f"{args.small} ({spath})")
+    large_dir, small_dir = resolve_model(args.large, args.dtype), resolve_model(args.small, args.dtype)
+    return Models(load_model(large_dir, args.dtype), load_model(small_dir, args.dtype), load_tokenizer(large_dir),
+                  load_tokenizer(small_dir), f"{args.large} ({large_dir})", f"{args.small} ({small_dir})")
 
 
 # --------------------------------------------------------------------------- generation
-def _file_key(task: Task, system: System) -> str:
-    key = task.shared if (task.shared and not system.uses_context) else task.name
-    return key.replace("/", "_")
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut by an interrupted run: it is regenerated
-    return rows
-
-
 def done_ids(path: Path) -> set[str]:
     """Ids already generated in a JSONL output file (what a resumed run skips)."""
-    return {str(r["id"]) for r in _read_jsonl(path) if "id" in r}
+    return {str(r["id"]) for r in read_jsonl(path) if "id" in r}
 
 
 def _terminate_last_line(path: Path) -> None:
@@ -250,14 +214,13 @@ def _check_run_config(gen_dir: Path, args, overwrite: bool) -> None:
 def run_generations(tasks, systems, get_models, args, gen_dir: Path) -> None:
     from tqdm.auto import tqdm
 
-    from ..small_model import SmallModelRunner
     from .systems import generate
 
     plan = []
     seen_files = set()
     for task in tasks:
         for system in systems:
-            path = gen_dir / f"{_file_key(task, system)}__{system.name}.jsonl"
+            path = gen_dir / f"{file_key(task, system)}__{system.name}.jsonl"
             if path in seen_files:
                 # shared file (context-free system over the preference tasks): examples are the same
                 continue
@@ -277,23 +240,18 @@ def run_generations(tasks, systems, get_models, args, gen_dir: Path) -> None:
         generate(System("warmup", which), models, [e.input], [e.context], position="before", separator="\n",
                  max_new_tokens=2)
     bar = tqdm(total=total, desc="generating", unit="ex", disable=args.no_progress or total == 0)
-    runners: dict[tuple, SmallModelRunner] = {}
     for task, system, path, todo in plan:
         bar.set_postfix_str(f"{task.name} / {system.name}")
-        key = (task.context_position, task.context_separator)
-        if system.steered and key not in runners:
-            runners[key] = SmallModelRunner(models.small, models.small_tokenizer, context_position=key[0],
-                                            context_separator=key[1])
         _terminate_last_line(path)
         for start in range(0, len(todo), args.batch_size):
             batch = todo[start:start + args.batch_size]
             res = generate(system, models, [e.input for e in batch], [e.context for e in batch],
                            position=task.context_position, separator=task.context_separator,
-                           max_new_tokens=args.max_new_tokens, runner=runners.get(key))
+                           max_new_tokens=args.max_new_tokens)
             with open(path, "a", encoding="utf-8") as fh:
                 for i, e in enumerate(batch):
                     rec = {
-                        "id": e.id, "task": _file_key(task, system), "system": system.name,
+                        "id": e.id, "task": file_key(task, system), "system": system.name,
                         "input": e.input, "context": e.context if system.uses_context else None,
                         "output": res.texts[i], "n_tokens": res.n_tokens[i],
                         "ended": res.ended[i],
@@ -346,193 +304,6 @@ def run_throughput(get_models, tasks, args, gen_dir: Path) -> list[dict]:
     return rows
 
 
-# --------------------------------------------------------------------------- metrics
-def _mean(xs):
-    xs = [x for x in xs if x is not None]
-    return sum(xs) / len(xs) if xs else None
-
-
-def summarize(tasks, systems, gen_dir: Path, args) -> list[dict]:
-    results = []
-    use_meteor = meteor_available()
-    for task in tasks:
-        ids = [e.id for e in task.examples]
-        refs = {e.id: e.reference for e in task.examples}
-        outputs = {}
-        for system in systems:
-            recs = {str(r["id"]): r for r in _read_jsonl(gen_dir / f"{_file_key(task, system)}__{system.name}.jsonl")}
-            outputs[system.name] = [recs[i] for i in ids if i in recs]
-        upper = {str(r["id"]): r["output"] for r in outputs.get("large_ctx", [])}
-        large_speed = _speed(outputs.get("large", []))
-        for system in systems:
-            recs = outputs[system.name]
-            if not recs:
-                continue
-            texts = [r["output"] for r in recs]
-            lengths = [word_count(t) for t in texts]
-            m: dict = {"words": summary_stats(lengths), "words_mean": _mean(lengths),
-                       "tokens_mean": _mean([r["n_tokens"] for r in recs]),
-                       "cut_at_max_tokens": sum(1 for r in recs if not r["ended"]) / len(recs)}
-            if task.kind == "preference":
-                m["sentiment_mean"] = _mean([sentiment(t) for t in texts])
-                m["distinct_1"] = distinct_n(texts, 1)
-                m["distinct_2"] = distinct_n(texts, 2)
-                if upper and system.name != "large_ctx":
-                    m["rougeL_vs_large_ctx"] = _mean([rouge_scores(r["output"], upper[str(r["id"])])["rougeL"]
-                                                      for r in recs if str(r["id"]) in upper])
-                target, direction = PREFERENCE_TARGETS[task.preference]
-                m["target"] = {"metric": target, "better": direction, "value": m[target]}
-            else:
-                scored = [(r["output"], refs[str(r["id"])]) for r in recs if refs.get(str(r["id"]))]
-                rs = [rouge_scores(p, ref) for p, ref in scored]
-                m["rouge1"] = _mean([x["rouge1"] for x in rs])
-                m["rougeL"] = _mean([x["rougeL"] for x in rs])
-                m["meteor"] = _mean([meteor(p, ref) for p, ref in scored]) if use_meteor else None
-                m["target"] = {"metric": "rougeL", "better": "higher", "value": m["rougeL"]}
-            speed = _speed(recs)
-            if speed["ms_per_token"] and large_speed["ms_per_token"]:
-                speed["overhead_vs_large"] = speed["ms_per_token"] / large_speed["ms_per_token"]
-            row = {"task": task.name, "system": system.name, "n": len(recs), "n_expected": len(ids),
-                   "gain": system.effective_gain, "metrics": m, "speed": speed, "lengths": lengths}
-            if system.steered:
-                steered = sum(r.get("steered_steps", 0) for r in recs)
-                live = sum(r.get("live_steps", 0) for r in recs)
-                row["steering"] = {
-                    "steered_row_steps": steered, "live_row_steps": live,
-                    "steered_fraction": steered / live if live else None,
-                    "small_row_steps_saved": 1 - steered / live if live else None,
-                    "small_forwards": round(sum(r.get("small_forwards_share", 0.0) for r in recs)),
-                }
-            results.append(row)
-    return results
-
-
-def _speed(recs) -> dict:
-    tokens = sum(r["n_tokens"] for r in recs)
-    seconds = sum(r["time_share_s"] for r in recs)
-    return {"tokens": tokens, "seconds": seconds,
-            "tokens_per_s": tokens / seconds if seconds > 0 else None,
-            "ms_per_token": 1000 * seconds / tokens if tokens else None,
-            "overhead_vs_large": None}
-
-
-# --------------------------------------------------------------------------- report
-def _f(x, digits=3):
-    if x is None:
-        return "–"
-    if isinstance(x, float):
-        return f"{x:.{digits}f}"
-    return str(x)
-
-
-def markdown(summary: dict) -> str:
-    lines = [f"# CoSteer evaluation `{summary['name']}`", "", f"Command: `{summary['command']}`", ""]
-    mach = summary["machine"]
-    lines.append(f"Large: {summary['models']['large']}; small: {summary['models']['small']}; "
-                 f"dtype {summary['config']['dtype']}; greedy; max {summary['config']['max_new_tokens']} new tokens; "
-                 f"batch {summary['config']['batch_size']}; {mach['torch_threads']} torch threads on "
-                 f"{mach['processor'] or mach['machine']} ({mach['cpu_count']} cores); wall of this invocation "
-                 f"{summary['wall_time_s']:.0f} s; generate time of all rows (over resumes) "
-                 f"{summary.get('generation_seconds_total') or 0:.0f} s; "
-                 + _load_text(mach))
-    lines.append("")
-    results = summary["results"]
-    headline = _headline(summary)
-    if headline:
-        lines += ["## Headline", "", *headline, ""]
-    for task in summary["tasks"]:
-        rows = [r for r in results if r["task"] == task]
-        if not rows:
-            continue
-        info = summary["tasks"][task]
-        lines.append(f"## {task} (n={info['n']})")
-        lines.append("")
-        if info["kind"] == "preference":
-            t = info["target"]
-            lines.append(f"Target: {t[0]} ({t[1]} is better). R-L vs L+ctx: ROUGE-L F against the large model "
-                         "told the preference (the privacy-breaking upper bound).")
-            lines.append("")
-            cols = ["system", "g", "n", "words", "sentiment", "distinct-2", "R-L vs L+ctx", "cut", "tok/s",
-                    "overhead", "steered"]
-        else:
-            cols = ["system", "g", "n", "ROUGE-1", "ROUGE-L", "METEOR", "words", "cut", "tok/s", "overhead",
-                    "steered"]
-        lines.append("| " + " | ".join(cols) + " |")
-        lines.append("|" + "|".join("---" for _ in cols) + "|")
-        for r in rows:
-            m, s = r["metrics"], r["speed"]
-            st = r.get("steering", {}).get("steered_fraction")
-            common_tail = [_f(m["cut_at_max_tokens"], 2), _f(s["tokens_per_s"], 2),
-                           _f(s["overhead_vs_large"], 2), _f(st, 2)]
-            g = _f(r["gain"], 2) if r["gain"] is not None else "–"
-            if info["kind"] == "preference":
-                vals = [r["system"], g, str(r["n"]), _f(m["words_mean"], 1), _f(m["sentiment_mean"]),
-                        _f(m["distinct_2"]), _f(m.get("rougeL_vs_large_ctx"))] + common_tail
-            else:
-                vals = [r["system"], g, str(r["n"]), _f(m["rouge1"]), _f(m["rougeL"]), _f(m["meteor"]),
-                        _f(m["words_mean"], 1)] + common_tail
-            lines.append("| " + " | ".join(vals) + " |")
-        lines.append("")
-    if summary.get("throughput"):
-        lines += ["## Throughput (tokens/s, fixed output length)", "",
-                  "| system | " + " | ".join(f"batch {b}" for b in sorted({r['batch_size'] for r in summary['throughput']})) + " |"]
-        sizes = sorted({r["batch_size"] for r in summary["throughput"]})
-        lines.append("|---|" + "|".join("---" for _ in sizes) + "|")
-        for sysname in dict.fromkeys(r["system"] for r in summary["throughput"]):
-            vals = {r["batch_size"]: r["tokens_per_s"] for r in summary["throughput"] if r["system"] == sysname}
-            lines.append(f"| {sysname} | " + " | ".join(_f(vals.get(b), 2) for b in sizes) + " |")
-        lines.append("")
-    if summary.get("plots"):
-        lines += ["## Plots", ""] + [f"- `{p}`" for p in summary["plots"]] + [""]
-    lines += ["Columns: g = steering gain (large alone = 0); words = mean response length in words; "
-              "sentiment = mean VADER compound; distinct-2 = unique/all bigrams pooled over responses; "
-              "cut = share of responses that hit the token cap; tok/s = generated tokens / generation wall time "
-              "(batched, prefill included); overhead = ms per token / large alone's on the same task; "
-              "steered = share of live row-steps the small model ran for (AdaCoSteer gating lowers it).", ""]
-    if not summary["meteor_available"]:
-        lines += ["METEOR: unavailable (no local WordNet; see `--wordnet-deb`).", ""]
-    return "\n".join(lines)
-
-
-def _load_text(mach: dict) -> str:
-    gen = mach.get("generation_loadavg_1m")
-    if gen:
-        text = (f"1-min load average while generating: mean {gen['mean']:.1f}, max {gen['max']:.1f} "
-                f"(over {gen['rows']} rows)")
-    else:
-        text = f"load average (1/5/15 min) {mach.get('loadavg_start')} at start, {mach.get('loadavg_end')} at the end"
-    return text + f" on {mach['cpu_count']} cores (above the core count, other jobs slowed every timing)."
-
-
-def _headline(summary) -> list[str]:
-    """One row per system: the target metric of every task."""
-    results = summary["results"]
-    tasks = [t for t in summary["tasks"] if any(r["task"] == t for r in results)]
-    if not tasks:
-        return []
-    cols = []
-    for t in tasks:
-        info = summary["tasks"][t]
-        metric = info["target"][0] if info["kind"] == "preference" else "rougeL"
-        cols.append((t, metric))
-    header = ["system"] + [f"{t.split('/')[-1]}: {m}" for t, m in cols] + ["overhead (mean)"]
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    for sysname in summary["systems"]:
-        vals = []
-        overheads = []
-        for t, metric in cols:
-            row = next((r for r in results if r["task"] == t and r["system"] == sysname), None)
-            if row is None:
-                vals.append("–")
-                continue
-            v = row["metrics"].get(metric)
-            vals.append(_f(v, 1 if metric == "words_mean" else 3))
-            if row["speed"]["overhead_vs_large"] is not None:
-                overheads.append(row["speed"]["overhead_vs_large"])
-        out.append(f"| {sysname} | " + " | ".join(vals) + f" | {_f(_mean(overheads), 2)} |")
-    return out
-
-
 def machine_info(threads: int) -> dict:
     import torch
     import transformers
@@ -582,9 +353,14 @@ def _model_names(args, models, gen_dir: Path) -> dict:
 
 
 # --------------------------------------------------------------------------- main
-def main(argv: Optional[Sequence[str]] = None) -> dict:
+def main(argv: Optional[Sequence[str]] = None, *, default_out: Path = DEFAULT_OUT) -> dict:
     """Runs the evaluation the arguments describe; returns the summary (also written as JSON)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser(default_out)
+    args = parser.parse_args(argv)
+    try:
+        Variants(args.gate_threshold, args.gate_patience, args.eos_guard)
+    except ValueError as e:
+        parser.error(str(e))
     _resolve_defaults(args)
     import torch
 
@@ -622,7 +398,7 @@ def _main(args, argv) -> dict:
     run_generations(tasks, systems, get_models, args, gen_dir)
     throughput = run_throughput(get_models, tasks, args, gen_dir)
     model_names = _model_names(args, loaded[0] if loaded else None, gen_dir)
-    results = summarize(tasks, systems, gen_dir, args)
+    results = summarize(tasks, systems, gen_dir)
     summary = {
         "schema": SCHEMA,
         "name": args.name,
@@ -649,14 +425,14 @@ def _main(args, argv) -> dict:
     # A context-free system's shared file counts once, not once per preference task.
     seen, total = set(), 0.0
     for r in results:
-        key = (_file_key(next(t for t in tasks if t.name == r["task"]), next(s for s in systems if s.name == r["system"])),
+        key = (file_key(next(t for t in tasks if t.name == r["task"]), next(s for s in systems if s.name == r["system"])),
                r["system"])
         if key not in seen:
             seen.add(key)
             total += r["speed"]["seconds"]
     summary["generation_seconds_total"] = total + sum(t["seconds"] for t in throughput)
     loads = [r.get("loadavg_1m") for t in tasks for s in systems
-             for r in _read_jsonl(gen_dir / f"{_file_key(t, s)}__{s.name}.jsonl")]
+             for r in read_jsonl(gen_dir / f"{file_key(t, s)}__{s.name}.jsonl")]
     loads = [x for x in loads if x is not None]
     summary["machine"]["generation_loadavg_1m"] = (
         {"mean": sum(loads) / len(loads), "max": max(loads), "rows": len(loads)} if loads else None)

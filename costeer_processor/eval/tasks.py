@@ -3,7 +3,8 @@
 Three builders, all deterministic:
 
 * :func:`preference_tasks` -- the paper's preference alignment: public input = a prompt from
-  ``preference_prompts.jsonl`` (the 200 Personal Preference Eval prompts), private context =
+  ``preference_prompts.jsonl`` (the 200 Personal Preference Eval prompts, shipped in this
+  package: ``data/preference_prompts.jsonl``, see ``data/SOURCE.md``), private context =
   ``"Your answer should be as {pref} as possible"`` placed *after* the input with a ``"\\n"``
   separator, so the small model's user turn is exactly the release's
   ``input + "\\nYour answer should be as {pref} as possible"``. One task per preference.
@@ -36,8 +37,12 @@ import random
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Iterable, Optional, Sequence, Union
+
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
 
 PREFERENCES = ("concise", "verbose", "uplifting", "creative")
 #: Which metric measures success for each preference, and in which direction.
@@ -56,6 +61,7 @@ __all__ = [
     "preference_context",
     "preference_tasks",
     "load_preference_prompts",
+    "packaged_preference_prompts",
     "records_context",
     "sotu_task",
     "sotu_examples",
@@ -124,9 +130,16 @@ def preference_context(pref: str) -> str:
     return f"Your answer should be as {pref} as possible"
 
 
-def load_preference_prompts(path: Path) -> list[dict]:
+def packaged_preference_prompts() -> Traversable:
+    """The 200 Personal Preference Eval prompts shipped with the package (fields id, input)."""
+    return files(__package__) / "data" / "preference_prompts.jsonl"
+
+
+def load_preference_prompts(path: Union[Path, Traversable, None] = None) -> list[dict]:
+    """The rows of a preference prompts JSONL (default: :func:`packaged_preference_prompts`)."""
+    path = packaged_preference_prompts() if path is None else path
     rows = []
-    with open(path, encoding="utf-8") as fh:
+    with path.open(encoding="utf-8") as fh:
         for line_no, line in enumerate(fh, 1):
             if not line.strip():
                 continue
@@ -137,9 +150,12 @@ def load_preference_prompts(path: Path) -> list[dict]:
     return rows
 
 
-def preference_tasks(path: Path, prefs: Sequence[str] = PREFERENCES, n: Optional[int] = None) -> list[Task]:
-    """One task per preference over the first ``n`` prompts of ``path`` (file order)."""
-    rows = load_preference_prompts(Path(path))
+def preference_tasks(path: Union[Path, str, None] = None, prefs: Sequence[str] = PREFERENCES,
+                     n: Optional[int] = None) -> list[Task]:
+    """One task per preference over the first ``n`` prompts of ``path`` (file order; default: the
+    packaged prompts)."""
+    rows = load_preference_prompts(None if path is None else Path(path))
+    source = "costeer_processor.eval:data/preference_prompts.jsonl" if path is None else str(path)
     if n is not None:
         rows = rows[:n]
     tasks = []
@@ -150,7 +166,7 @@ def preference_tasks(path: Path, prefs: Sequence[str] = PREFERENCES, n: Optional
                     for i, r in enumerate(rows)]
         tasks.append(Task(name=f"preference/{pref}", kind="preference", examples=examples,
                           context_position="after", context_separator="\n", shared="preference",
-                          preference=pref, build={"source": str(path), "first_n": len(rows)}))
+                          preference=pref, build={"source": source, "first_n": len(rows)}))
     return tasks
 
 
@@ -312,10 +328,11 @@ def sotu_task(n: Optional[int] = None, *, seed: int = 0, **kwargs) -> Task:
     """
     examples = sotu_examples(n, seed=seed, **kwargs)
     build = {"source": "sotu package", "seed": seed, **kwargs}
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
-        from importlib.metadata import version
         build["sotu_version"] = version("sotu")
-    except Exception:  # pragma: no cover
+    except PackageNotFoundError:  # pragma: no cover - sotu imported from a source tree
         pass
     return Task(name="sotu", kind="reference", examples=examples, context_position="before",
                 context_separator="\n", build=build)

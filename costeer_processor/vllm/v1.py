@@ -7,7 +7,10 @@ Load it by name::
 
 Per-row state is a dict ``batch index -> (Handle, live output-ids list)`` kept in step with
 vLLM's persistent batch the way the built-in processors do it (removed, then added, then moved:
-one-way moves and swaps); everything else lives in :class:`~.common.SteeringEngine`.
+one-way moves and swaps); everything else lives in :class:`~.engine.SteeringEngine`. A row that
+leaves (removed, or overwritten by an add or a move) is closed with its live output ids, so the
+engine can tell a finished request from one that will come back; a request added with output
+already generated is a resumed one and gets its handle back.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from typing import Optional
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
-from .common import Handle, SteeringEngine, validate_sampling_params
+from .engine import Handle, SteeringEngine
+from .frontend import validate_sampling_params
 
 __all__ = ["CoSteerLogitsProcessor"]
 
@@ -25,7 +29,7 @@ __all__ = ["CoSteerLogitsProcessor"]
 class CoSteerLogitsProcessor(LogitsProcessor):
     """Steers each request that carries ``costeer_context`` with the engine's small model.
 
-    Engine-wide settings: ``additional_config["costeer"]`` (see :class:`~.common.EngineSettings`);
+    Engine-wide settings: ``additional_config["costeer"]`` (see :class:`~.settings.EngineSettings`);
     per request: ``SamplingParams(extra_args={"costeer_context": ..., ...})`` or the server's
     ``extra_body={"vllm_xargs": {...}}``. Requests without ``costeer_context`` are untouched, and
     :meth:`apply` returns at once when no row of the batch is steered.
@@ -47,7 +51,7 @@ class CoSteerLogitsProcessor(LogitsProcessor):
     def _drop(self, index: int) -> None:
         entry = self._rows.pop(index, None)
         if entry is not None:
-            self.engine.close(entry[0])
+            self.engine.close(*entry)
 
     def update_state(self, batch_update: Optional[BatchUpdate]) -> None:
         if not batch_update:
@@ -57,14 +61,14 @@ class CoSteerLogitsProcessor(LogitsProcessor):
         for index, params, prompt_ids, output_ids in batch_update.added:
             # An added request may take the index of one that finished in the same step.
             self._drop(index)
-            handle = self.engine.open(params)
+            handle = self.engine.open(params, generated=len(output_ids) if output_ids else 0)
             if handle is None:
                 continue
             if output_ids:
                 self.resumed += 1
             if handle.needs_prompt:
                 if prompt_ids is None:
-                    self.engine._warn_once("no-prompt", "CoSteer: vLLM gave no prompt token ids (prompt "
+                    self.engine.warn_once("no-prompt", "CoSteer: vLLM gave no prompt token ids (prompt "
                                            "embeddings?); such requests run unsteered")
                     continue
                 self.engine.set_prompt(handle, prompt_ids)

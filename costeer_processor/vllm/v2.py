@@ -6,7 +6,9 @@ The token history is read from ``req_states.all_token_ids`` (prompt ``[:prompt_l
 ``[prompt_len : pos + 1]``) — the committed ids, so a resumed request (``prefill_len > prompt_len``)
 and a request that skipped a step are re-synchronised by the runner. V2 never says when a slot is
 freed: a steered slot missing from a step's batch gives up its small-model rows at once, and its
-handle is dropped when the slot is reused.
+handle is closed when the slot is reused. A request added with output already generated
+(``prefill_len > prompt_len``) is a resumed one and gets its handle (AdaCoSteer state) back; a
+fresh request always gets its own, even when ``n > 1`` children share one SamplingParams object.
 
 Load it by name with the V2 runner::
 
@@ -22,7 +24,8 @@ import numpy as np
 import torch
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor
 
-from .common import Handle, SteeringEngine, validate_sampling_params
+from .engine import Handle, SteeringEngine
+from .frontend import validate_sampling_params
 
 if TYPE_CHECKING:
     from vllm.v1.worker.gpu.sample.logits_processor import LogitsContext, LogitsProcRequestState
@@ -42,6 +45,8 @@ class CoSteerLogitsProcessorV2(LogitsProcessor):
         self.engine = SteeringEngine.from_vllm_config(vllm_config, req_states.device)
         self._slots: dict[int, Handle] = {}
         self._steered = np.zeros(int(req_states.max_num_reqs), dtype=bool)
+        self._present = np.zeros_like(self._steered)  # steered slots that were in the last step's batch
+        self.resumed = 0  # steered requests that (re)joined with output already generated (preemption)
 
     # ------------------------------------------------------------------ bookkeeping
     def _drop(self, slot: int) -> None:
@@ -52,18 +57,25 @@ class CoSteerLogitsProcessorV2(LogitsProcessor):
 
     def add_request(self, req_idx: int, sampling_params) -> bool:
         self._drop(req_idx)  # the slot's previous occupant (finished or preempted) is gone
-        for slot, other in list(self._slots.items()):
-            if other.params is sampling_params:
-                # A preempted request resumed in another slot: keep its AdaCoSteer state.
-                del self._slots[slot]
-                self._steered[slot] = False
-                self.engine.suspend(other)
-                handle = other
-                break
-        else:
-            handle = self.engine.open(sampling_params)
+        rs = self.req_states
+        generated = int(rs.prefill_len.np[req_idx]) - int(rs.prompt_len.np[req_idx])
+        old: dict[int, int] = {}
+        if generated > 0:
+            # Resumed after preemption: its handle may still sit in its old slot (freed without
+            # notice, so absent from the last step). A fresh request never takes another's handle,
+            # even when it shares the SamplingParams object (n > 1 children without a seed).
+            old = {id(self._slots[s]): s for s in np.nonzero(self._steered & ~self._present)[0].tolist()}
+        handle = self.engine.open(sampling_params, generated=generated,
+                                  candidates=[self._slots[s] for s in old.values()])
         if handle is None:
             return False
+        if generated > 0:
+            self.resumed += 1
+        slot = old.get(id(handle))
+        if slot is not None:
+            del self._slots[slot]
+            self._steered[slot] = False
+            self.engine.suspend(handle)
         self._slots[req_idx] = handle
         self._steered[req_idx] = True
         return True
@@ -73,44 +85,40 @@ class CoSteerLogitsProcessorV2(LogitsProcessor):
         if not self._slots:
             return logits
         slots_np = np.asarray(ctx.idx_mapping_np)
-        hit = self._steered[slots_np] & (slots_np >= 0)  # negative entries are padding
-        if hit.any():
-            present = set(slots_np[hit].tolist())
-        else:
-            present = set()
-        for slot, handle in self._slots.items():  # freed or unscheduled slots give up their KV rows
-            if handle.in_runner and slot not in present:
-                self.engine.suspend(handle)
-        if not present:
+        valid = slots_np >= 0  # negative entries are padding
+        hit = np.zeros(slots_np.shape, dtype=bool)
+        hit[valid] = self._steered[slots_np[valid]]
+        self._present[:] = False
+        self._present[slots_np[hit]] = True
+        # freed or unscheduled slots give up their small-model rows at once
+        for slot in np.nonzero(self._steered & ~self._present)[0].tolist():
+            self.engine.suspend(self._slots[slot])
+        if not hit.any():
             return logits
         if logits.shape[0] != slots_np.shape[0]:
-            self.engine._warn_once("expanded", "CoSteer: logits rows != requests (speculative decoding?); "
-                                   "steering skipped")
+            self.engine.warn_once("expanded", "CoSteer: logits rows != requests (speculative decoding?); "
+                                   "steering skipped (logged once)")
             return logits
         rows = np.nonzero(hit)[0]
         slots = slots_np[rows]
         rs = self.req_states
-        pos = ctx.pos.index_select(0, torch.as_tensor(rows, device=ctx.pos.device)).cpu().tolist()
-        prompt_len = np.asarray(rs.prompt_len.np)[slots].tolist()
-        prefill_len = np.asarray(rs.prefill_len.np)[slots].tolist()
-        width = max(pos) + 1
+        pos = ctx.pos.index_select(0, torch.as_tensor(rows, device=ctx.pos.device)).cpu().numpy()
+        prompt_len = np.asarray(rs.prompt_len.np)[slots]
+        done = pos + 1 >= np.asarray(rs.prefill_len.np)[slots]  # else a chunk of a longer prefill: sample discarded
+        if not done.all():
+            rows, slots, pos, prompt_len = rows[done], slots[done], pos[done], prompt_len[done]
+            if rows.size == 0:
+                return logits
         all_ids = rs.all_token_ids.gpu
-        tokens = all_ids[:, :width].index_select(0, torch.as_tensor(slots, device=all_ids.device)).cpu()
-
-        use_rows, handles, outputs = [], [], []
-        for j, (row, slot) in enumerate(zip(rows.tolist(), slots.tolist())):
-            if pos[j] + 1 < prefill_len[j]:
-                continue  # a chunk of a longer prefill: vLLM discards this row's sample
-            handle = self._slots[slot]
-            seq = tokens[j, : pos[j] + 1].tolist()
+        width = int(pos.max()) + 1
+        tokens = all_ids[:, :width].index_select(0, torch.as_tensor(slots, device=all_ids.device)).cpu().tolist()
+        handles = [self._slots[s] for s in slots.tolist()]
+        outputs = []
+        for handle, seq, p, n in zip(handles, tokens, pos.tolist(), prompt_len.tolist()):
             if handle.needs_prompt:
-                self.engine.set_prompt(handle, seq[: prompt_len[j]])
-            use_rows.append(row)
-            handles.append(handle)
-            outputs.append(seq[prompt_len[j]:])
-        if not use_rows:
-            return logits
-        return self.engine.apply(logits, use_rows, handles, outputs)
+                self.engine.set_prompt(handle, seq[:n])
+            outputs.append(seq[n: p + 1])
+        return self.engine.apply(logits, rows.tolist(), handles, outputs)
 
     # ------------------------------------------------------------------ introspection (tests)
     @property
