@@ -38,9 +38,9 @@ def test_map_is_deterministic_and_cached(tokenizer):
 
 def test_mapped_path_equals_plain_path_for_identical_tokenizers(large_model, small_model, tokenizer, prompts, contexts):
     runner = SmallModelRunner(small_model, tokenizer)
-    plain = generate(large_model, tokenizer, prompts, CoSteerLogitsProcessor(runner, prompts, contexts))
+    plain = generate(large_model, tokenizer, prompts, CoSteerLogitsProcessor(runner, contexts))
     vmap = VocabularyMap(tokenizer, tokenizer)
-    mapped = generate(large_model, tokenizer, prompts, CoSteerLogitsProcessor(runner, prompts, contexts, vocab_map=vmap))
+    mapped = generate(large_model, tokenizer, prompts, CoSteerLogitsProcessor(runner, contexts, vocab_map=vmap, large_tokenizer=tokenizer))
     assert torch.equal(plain, mapped)
 
 
@@ -49,7 +49,7 @@ def test_mapped_steering_with_different_tokenizers(large_model, tokenizer, promp
     small = build_tiny_model(other, hidden_size=64, seed=3)
     runner = SmallModelRunner(small, other)
     vmap = VocabularyMap.for_pair(tokenizer, other)
-    proc = CoSteerLogitsProcessor(runner, prompts, contexts, vocab_map=vmap)
+    proc = CoSteerLogitsProcessor(runner, contexts, prompts=prompts, vocab_map=vmap)
     out = generate(large_model, tokenizer, prompts, proc)
     assert out.shape == (3, MAX_NEW)
     allowed = set(vmap.large_ids.tolist())
@@ -57,7 +57,7 @@ def test_mapped_steering_with_different_tokenizers(large_model, tokenizer, promp
     # one step by hand: steer on the common tokens, the rest impossible
     inputs = batch_inputs(tokenizer, prompts)
     scores = large_model(**inputs).logits[:, -1]
-    fresh = CoSteerLogitsProcessor(runner, prompts, contexts, vocab_map=vmap)
+    fresh = CoSteerLogitsProcessor(runner, contexts, prompts=prompts, vocab_map=vmap)
     got = fresh(inputs["input_ids"], scores)
     w = [runner.encode_branches(p, c) for p, c in zip(prompts, contexts)]
     with torch.no_grad():

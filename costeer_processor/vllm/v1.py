@@ -67,11 +67,10 @@ class CoSteerLogitsProcessor(LogitsProcessor):
             if output_ids:
                 self.resumed += 1
             if handle.needs_prompt:
-                if prompt_ids is None:
-                    self.engine.warn_once("no-prompt", "CoSteer: vLLM gave no prompt token ids (prompt "
-                                           "embeddings?); such requests run unsteered")
-                    continue
-                self.engine.set_prompt(handle, prompt_ids)
+                if prompt_ids is None:  # fail closed: such a request is ended, never run unsteered
+                    self.engine.fail(handle, "vLLM gave no prompt token ids (prompt embeddings?)")
+                else:
+                    self.engine.set_prompt(handle, prompt_ids)
             self._rows[index] = (handle, output_ids)
         for a, b, direction in batch_update.moved:
             if direction == MoveDirectionality.SWAP:

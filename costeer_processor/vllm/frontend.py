@@ -1,0 +1,183 @@
+"""The admission check in vLLM's frontend: a steered request that cannot be served is refused with a 400.
+
+vLLM calls a processor's ``validate_params(sampling_params)`` in the frontend process (the API
+server, or the process of an offline ``LLM``), which never builds the processor: a ``ValueError``
+there becomes an HTTP 400 (``VLLMValidationError`` offline). :func:`validate_sampling_params`
+checks the ``costeer_*`` arguments (:func:`~costeer_processor.vllm.settings.parse_request_args`)
+and whether the context fits the small model, counted exactly as the engine's
+:class:`~costeer_processor.SmallModelRunner` will count it: :class:`BranchBuilder` is the runner's
+tokenization without the model, fed through the same :class:`~costeer_processor.prompts.PromptBridge`.
+
+The hook receives only the SamplingParams; the engine settings and the prompt ids are read from
+the vLLM frame that calls it (:func:`caller_engine_context`). The check **fails closed**: with the
+settings but no prompt ids it checks the context alone (the same rule, on what is known); when it
+cannot run at all for a steered request, the request is refused rather than admitted unchecked.
+A context that cannot fit whatever its tokens (a 20 MB paste) is refused before it is tokenised
+(:meth:`~costeer_processor.prompts.ContextBudget.check_text`).
+
+Example (a tiny model saved on the spot; inside vLLM the config and prompt ids come from its frame)::
+
+    >>> import tempfile
+    >>> from types import SimpleNamespace
+    >>> from costeer_processor.testing import save_tiny_pair
+    >>> large, small = save_tiny_pair(tempfile.mkdtemp())
+    >>> cfg = SimpleNamespace(model_config=SimpleNamespace(tokenizer=str(large)),
+    ...                       additional_config={"costeer": {"small_model": str(small), "max_context_tokens": 64}})
+    >>> check_request({"costeer_context": "I am vegan."}, cfg, prompt_ids=None)
+    >>> check_request({"costeer_context": "word " * 100}, cfg, prompt_ids=None)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: costeer_context: ... over the limit of 64; shorten the context
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+from typing import Any, Optional, Sequence
+
+from ..kv_cache import ContextCache
+from ..loading import CoSteerModelError, load_tokenizer
+from ..prompts import ContextBudget, ContextSplicer, PromptBridge
+from ..small_model import SmallModelRunner
+from .settings import EngineSettings, costeer_items, parse_request_args, resolve_small_model, settings_from_vllm_config
+
+__all__ = ["BranchBuilder", "FrontendChecker", "caller_engine_context", "check_request", "checker_for",
+           "validate_sampling_params"]
+
+_CANNOT = "CoSteer cannot check costeer_context here"
+
+
+class BranchBuilder:
+    """The small-model runner's own tokenization (the same methods and budget), without the model."""
+
+    encode_text = SmallModelRunner.encode_text
+    check_context = SmallModelRunner.check_context
+    branch_ids_from_text = SmallModelRunner.branch_ids_from_text
+    max_context_tokens = SmallModelRunner.max_context_tokens
+    context_cache = ContextCache(0)  # the frontend only counts tokens: no KV to reuse
+
+    def __init__(self, tokenizer, settings: EngineSettings, small_config: Any):
+        self.tokenizer = tokenizer
+        self.splicer = ContextSplicer(tokenizer, settings.context_position, settings.context_separator)
+        self.budget = ContextBudget.for_model(tokenizer, small_config, settings.max_context_tokens)
+
+
+class FrontendChecker:
+    """Context-length checks for one engine: the small tokenizer, and the large one to read prompts.
+
+    ``large_tokenizer_path=None`` (the engine config was not visible): the context alone is checked.
+    """
+
+    def __init__(self, settings: EngineSettings, large_tokenizer_path: Optional[str], tok_kwargs: dict):
+        from transformers import AutoConfig
+
+        path = resolve_small_model(settings)
+        small_tok = load_tokenizer(path)
+        self.builder = BranchBuilder(small_tok, settings, AutoConfig.from_pretrained(str(path)))
+        self.bridge = None
+        if large_tokenizer_path:
+            large_tok = load_tokenizer(large_tokenizer_path, **tok_kwargs)
+            self.bridge = PromptBridge(large_tok, self.builder.splicer, settings.wants_vocab_map(large_tok, small_tok))
+        self._lock = threading.Lock()  # the server validates from several threads; fast tokenizers are not re-entrant
+
+    def check(self, context: str, prompt_ids: Optional[Sequence[int]]) -> None:
+        """Raises ``ValueError("costeer_context: ...")`` when ``context`` (with the prompt, if known) cannot fit."""
+        try:
+            self.builder.check_context(context)  # no tokenising: a context that cannot fit whatever its tokens
+            with self._lock:
+                known = prompt_ids is not None and self.bridge is not None
+                self.builder.branch_ids_from_text(self.bridge(prompt_ids) if known else "", context)
+        except ValueError as e:
+            raise ValueError(f"costeer_context: {e}") from None
+
+
+_checkers: dict[tuple, FrontendChecker] = {}
+_checkers_lock = threading.Lock()
+
+
+def checker_for(settings: EngineSettings, vllm_config: Any) -> FrontendChecker:
+    """The (cached) checker for these settings and this engine; ``ValueError`` when none can be built."""
+    if not settings.small_model:
+        reason = ("the engine settings name no small model" if vllm_config is not None else
+                  "vLLM's engine config is not visible from validate_params and COSTEER_SMALL_MODEL is not set")
+        raise ValueError(f"{_CANNOT}: {reason}")
+    model_config = getattr(vllm_config, "model_config", None)
+    tok_path = getattr(model_config, "tokenizer", None) or getattr(model_config, "model", None)
+    tok_kwargs = {}
+    if model_config is not None:
+        tok_kwargs = {"trust_remote_code": bool(getattr(model_config, "trust_remote_code", False))}
+        if getattr(model_config, "tokenizer_revision", None):
+            tok_kwargs["revision"] = model_config.tokenizer_revision
+    key = (settings, tok_path, tuple(sorted(tok_kwargs.items())))
+    checker = _checkers.get(key)
+    if checker is None:
+        with _checkers_lock:
+            checker = _checkers.get(key)
+            if checker is None:
+                try:
+                    checker = _checkers[key] = FrontendChecker(settings, tok_path, tok_kwargs)
+                except (ValueError, OSError, CoSteerModelError) as e:  # unusable model folder or tokenizer
+                    raise ValueError(f"{_CANNOT}: {e}") from None
+    return checker
+
+
+def caller_engine_context() -> tuple[Any, Optional[list[int]]]:
+    """(vllm_config, prompt token ids) of the vLLM frame validating this request; ``None`` for what is not visible.
+
+    ``validate_params`` is a classmethod that receives only the SamplingParams; vLLM 0.32 calls it
+    from ``InputProcessor._validate_params`` inside ``InputProcessor.process_inputs(request_id,
+    prompt, params, ...)``, where ``self.vllm_config`` holds ``additional_config`` and ``prompt``
+    the already tokenized prompt. When that layout changes, :func:`validate_sampling_params`
+    checks what it still can, or refuses the request.
+    """
+    cfg, prompt_ids = None, None
+    frame = inspect.currentframe()
+    try:
+        frame = frame.f_back if frame is not None else None
+        for _ in range(30):
+            if frame is None:
+                break
+            local = frame.f_locals
+            owner = local.get("self")
+            if cfg is None and owner is not None:
+                candidate = getattr(owner, "vllm_config", None)
+                if candidate is not None and hasattr(candidate, "model_config"):
+                    cfg = candidate
+            if prompt_ids is None and frame.f_code.co_name == "process_inputs":
+                prompt = local.get("prompt")
+                ids = prompt.get("prompt_token_ids") if isinstance(prompt, dict) else None
+                if isinstance(ids, list) and all(isinstance(t, int) for t in ids[:4]):
+                    prompt_ids = ids
+            if cfg is not None and prompt_ids is not None:
+                break
+            frame = frame.f_back
+    finally:
+        del frame
+    if cfg is None:
+        try:
+            from vllm.config import get_current_vllm_config_or_none
+        except ImportError:  # another vLLM layout: the caller decides what can still be checked
+            return None, prompt_ids
+        cfg = get_current_vllm_config_or_none()
+    return cfg, prompt_ids
+
+
+def validate_sampling_params(sampling_params: Any) -> None:
+    """The processors' ``validate_params``: free when the request carries no ``costeer_*`` key.
+
+    Raises ``ValueError`` (a 400) for bad arguments, a context that does not fit, or a steered
+    request whose context cannot be checked here.
+    """
+    extra = getattr(sampling_params, "extra_args", None)
+    if costeer_items(extra):
+        check_request(extra, *caller_engine_context())
+
+
+def check_request(extra_args: Any, vllm_config: Any, prompt_ids: Optional[Sequence[int]]) -> None:
+    """:func:`validate_sampling_params` with the engine config and prompt ids given (``None``: not known)."""
+    settings = (settings_from_vllm_config(vllm_config) if vllm_config is not None
+                else EngineSettings.from_sources({}))
+    args = parse_request_args(extra_args, settings)
+    if args is not None:
+        checker_for(settings, vllm_config).check(args.context, prompt_ids)
