@@ -29,6 +29,7 @@ def server(tiny_pair_dirs, tmp_path_factory):
     env = {"VLLM_CPU_KVCACHE_SPACE": "1",
            "VLLM_CPU_OMP_THREADS_BIND": "0-1" if (os.cpu_count() or 1) >= 2 else "0"}
     log = tmp_path_factory.mktemp("server") / "vllm.log"
+    env["COSTEER_STATS_FILE"] = str(log.with_name("runner_stats.json"))
     with vllm_server(str(large), args, env=env, timeout=600, log_path=log) as base:
         yield base, log
 
@@ -113,3 +114,34 @@ def test_context_length_counts_the_prompt_like_the_runner(client, tiny_pair_dirs
     with pytest.raises(openai.BadRequestError, match="over the limit of 200"):
         chat(client, long_prompt, context, max_tokens=2)
     assert chat(client, long_prompt, max_tokens=2)  # the prompt alone is fine without steering
+
+
+def test_aborted_streams_free_their_small_model_rows(client, server):
+    """8 steered streams closed after a few tokens: the runner is empty again afterwards (no leak)."""
+    def aborted_stream(i):
+        stream = client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": f"Tell me a long story number {i}."}],
+            max_tokens=64, temperature=0.0, stream=True,
+            extra_body={"vllm_xargs": {"costeer_context": CONTEXTS[i]}})
+        chunks = 0
+        for chunks, _ in enumerate(stream, 1):
+            if chunks >= 3:
+                break
+        stream.close()
+        return chunks
+
+    with ThreadPoolExecutor(8) as pool:
+        assert all(n >= 1 for n in pool.map(aborted_stream, range(8)))
+    import time
+
+    stats_path = server[1].with_name("runner_stats.json")
+    deadline = time.monotonic() + 60
+    stats = {}
+    while time.monotonic() < deadline:
+        chat(client, "hi", max_tokens=2)  # vLLM hands aborted requests to the processor at its next step
+        time.sleep(0.5)
+        stats = json.loads(stats_path.read_text()) if stats_path.exists() else {}
+        if stats.get("requests") == 0:
+            break
+    assert stats["requests"] == 0 and stats["cached_rows"] == 0 and stats["kv_bytes"] == 0, stats
+    assert stats["steps"] > 0 and stats["parked"] == 0

@@ -39,7 +39,10 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import logging
+import os
+import time
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -227,6 +230,28 @@ class SteeringEngine:
         self.parking = Parking()
         self._warned: set[str] = set()  # fixed reasons only: bounded
         self.steps = 0  # apply calls that ran the small model (tests / benchmarks)
+        # COSTEER_STATS_FILE: the runner's stats as JSON, rewritten at most once a second and whenever the
+        # runner becomes empty (the soak benchmark and the server tests read it from outside the engine).
+        self.stats_file = os.environ.get("COSTEER_STATS_FILE") or None
+        self._stats_written = (0.0, -1)
+
+    def stats(self) -> dict:
+        """The runner's stats plus the engine's own (steps, parked handles)."""
+        return {**self.runner.stats(), "steps": self.steps, "parked": len(self.parking)}
+
+    def report(self) -> None:
+        """Writes :meth:`stats` to ``COSTEER_STATS_FILE`` when due (no-op without that variable)."""
+        if self.stats_file is None:
+            return
+        now, requests = time.monotonic(), len(self.runner)
+        last, last_requests = self._stats_written
+        if now - last < 1.0 and not (requests == 0 and last_requests != 0):
+            return
+        self._stats_written = (now, requests)
+        tmp = self.stats_file + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.stats(), f)
+        os.replace(tmp, self.stats_file)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -324,6 +349,7 @@ class SteeringEngine:
         ``outputs``: its output ids as vLLM holds them (V1); without them, the count at its last step.
         """
         self.suspend(handle)
+        self.report()
         if handle.fresh:
             return
         params = handle.params
@@ -441,6 +467,7 @@ class SteeringEngine:
         steered = steer_fn(large_kept, z_with.to(dev), z_without.to(dev), gains)
         steered = self._guard(steered, large_kept, [h.args.eos_guard for h in chosen])
         logits.index_copy_(0, index.index_select(0, sub_index), steered.to(logits.dtype))
+        self.report()
         return logits
 
     def _end(self, logits: torch.Tensor, rows: Sequence[int]) -> None:
