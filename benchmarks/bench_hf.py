@@ -38,16 +38,8 @@ from costeer_processor import CoSteerConfig, SmallModelRunner, ftrl_reference  #
 from costeer_processor.hf import CoSteerLogitsProcessor  # noqa: E402
 from costeer_processor.prompts import with_system_prompt  # noqa: E402
 
-PROMPTS = [
-    "Suggest a dinner recipe for tonight.", "Plan a weekend trip for me.", "Recommend a book to read.",
-    "Write a short poem about autumn.", "How should I start learning to code?", "Give me a workout plan.",
-    "What gift should I buy for a friend?", "Describe a perfect morning routine.",
-]
-CONTEXTS = [
-    "I am vegan and I love very spicy food.", "I hate crowds and love mountains.", "I only read science fiction.",
-    "I like funny, rhyming verse.", "I am a retired carpenter who likes practical examples.",
-    "I have a bad knee and no gym.", "My friend loves tea and gardening.", "I wake up at 5am and meditate.",
-]
+from benchmarks.workload import CONTEXTS, PROMPTS  # noqa: E402
+
 
 
 def load(name, dtype):

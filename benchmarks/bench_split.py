@@ -31,30 +31,24 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessorList
+from transformers import LogitsProcessorList
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from costeer_processor import CoSteerConfig, SmallModelRunner  # noqa: E402
+from costeer_processor.small_model import common_prefix_length  # noqa: E402
+from costeer_processor.eval.tasks import load_preference_prompts  # noqa: E402
 from costeer_processor.hf import CoSteerLogitsProcessor  # noqa: E402
-from costeer_processor.split import SplitCoSteerClient  # noqa: E402
+from costeer_processor.loading import load_model  # noqa: E402
+from costeer_processor.split import SplitCoSteerClient, Transport, load_runner  # noqa: E402
 from costeer_processor.testing import LoopbackProxy  # noqa: E402
 
 PREFS = ["concise", "creative", "uplifting", "verbose"]
-DATA = Path("/work/shared/data/preference_prompts.jsonl")
-FALLBACK_PROMPTS = [
-    "Suggest a dinner recipe for tonight.", "Plan a weekend trip for me.", "Recommend a book to read.",
-    "Write a short poem about autumn.", "How should I start learning to code?", "Give me a workout plan.",
-    "What gift should I buy for a friend?", "Describe a perfect morning routine.",
-]
 
 
 def load_prompts(n: int) -> list[tuple[str, str]]:
-    """(prompt, context) pairs: the Personal Preference Eval prompts with a stated preference as context."""
-    if DATA.exists():
-        prompts = [json.loads(line)["input"] for line in DATA.read_text().splitlines() if line.strip()]
-    else:
-        prompts = FALLBACK_PROMPTS
+    """(prompt, context) pairs: the Personal Preference Eval prompts (shipped with the package) with a
+    stated preference as context."""
+    prompts = [row["input"] for row in load_preference_prompts()]
     prompts = (prompts * (n // len(prompts) + 1))[:n]
     return [(p, f"Your answer should be as {PREFS[i % len(PREFS)]} as possible") for i, p in enumerate(prompts)]
 
@@ -69,13 +63,7 @@ def resolve(name: str, dtype: str) -> Path:
 
 
 # ------------------------------------------------------------------ measurements
-def common_prefix(a, b) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+common_prefix = common_prefix_length
 
 
 def fidelity(url, runner, pairs, ks, new_tokens, batch, lookahead, reference="full", validate=0, certified_rows=True):
@@ -130,7 +118,7 @@ def hf_speed(large, tok, runner, pairs, new_tokens, batch=1, gate=None):
     tokens, t0 = 0, time.perf_counter()
     for i in range(0, len(pairs), batch):
         chunk = pairs[i:i + batch]
-        proc = CoSteerLogitsProcessor(runner, [p for p, _ in chunk], [c for _, c in chunk], gate_threshold=gate)
+        proc = CoSteerLogitsProcessor(runner, [c for _, c in chunk], gate_threshold=gate)  # prompts: from input_ids
         texts = [runner.splicer.render(p) for p, _ in chunk]
         enc = tok(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
         out = large.generate(**enc, logits_processor=LogitsProcessorList([proc]), do_sample=False,
@@ -163,9 +151,7 @@ def split_speed(url, runner, pairs, new_tokens, batch=1, **kw):
 
 def server_alone_speed(url, model, prompt_ids, new_tokens):
     """The large model alone on the server (one plain request per prompt): the upper bound."""
-    from costeer_processor.split import _Transport
-
-    http_ = _Transport(url, 600)
+    http_ = Transport(url, 600)
     tokens, t0 = 0, time.perf_counter()
     for ids in prompt_ids:
         ans = http_.json("POST", "/v1/completions", {"model": model, "prompt": ids, "max_tokens": new_tokens,
@@ -237,9 +223,8 @@ def main(argv=None):
     else:
         large_dir, small_dir = resolve(args.large, dtype), resolve(args.small, dtype)
     tag = args.tag or ("tiny" if tiny else f"{Path(large_dir).name}")
-    tok = AutoTokenizer.from_pretrained(small_dir)
-    small = AutoModelForCausalLM.from_pretrained(small_dir, dtype=getattr(torch, dtype)).eval()
-    runner = SmallModelRunner(small, tok, context_position="after", context_separator="\n")
+    runner = load_runner(small_dir, dtype=dtype, context_position="after", context_separator="\n")
+    tok = runner.tokenizer
     pairs = load_prompts(max(args.prompts, args.speed_prompts))
     result = {"machine": f"{platform.machine()} {os.cpu_count()} cores", "large": str(large_dir),
               "small": str(small_dir), "dtype": dtype, "new_tokens": args.new_tokens, "threads": args.threads,
@@ -290,7 +275,7 @@ def main(argv=None):
         if "speed" in args.phases:
             print(f"speed: {len(speed_pairs)} prompts x {args.new_tokens} tokens", flush=True)
             if wanted & {"hf", "hf-gate", "hf-batch"}:
-                large = AutoModelForCausalLM.from_pretrained(large_dir, dtype=getattr(torch, dtype)).eval()
+                large = load_model(large_dir, dtype)
                 hf_speed(large, tok, runner, speed_pairs[:1], 4)  # warm-up
                 if "hf" in wanted:
                     record("in-process HF processor", *hf_speed(large, tok, runner, speed_pairs, args.new_tokens))

@@ -44,16 +44,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-PROMPTS = [
-    "Suggest a dinner recipe for tonight.", "Plan a weekend trip for me.", "Recommend a book to read.",
-    "Write a short poem about autumn.", "How should I start learning to code?", "Give me a workout plan.",
-    "What gift should I buy for a friend?", "Describe a perfect morning routine.",
-]
-CONTEXTS = [
-    "I am vegan and I love very spicy food.", "I hate crowds and love mountains.", "I only read science fiction.",
-    "I like funny, rhyming verse.", "I am a retired carpenter who likes practical examples.",
-    "I have a bad knee and no gym.", "My friend loves tea and gardening.", "I wake up at 5am and meditate.",
-]
+from benchmarks.workload import CONTEXTS, PROMPTS  # noqa: E402
+
 SYSTEM = "You are a helpful assistant."
 
 

@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import sys
 import tempfile
 import threading
@@ -108,6 +109,41 @@ def one_request(client, i: int, ctxs: list[str], rng: random.Random, abort_frac:
         return f"connection: {e}"
 
 
+def timed_request(client, i: int, ctxs: list[str]) -> float:
+    t0 = time.perf_counter()
+    client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": USERS[i % len(USERS)]}],
+                                   max_tokens=8, temperature=0.0,
+                                   extra_body={"vllm_xargs": {"costeer_context": ctxs[i % len(ctxs)]}})
+    return time.perf_counter() - t0
+
+
+def huge_context_phase(client, ctxs: list[str], mb: float) -> dict:
+    """Latency of other users' requests while oversize contexts are refused (they must not be held up)."""
+    import openai
+
+    huge = "spicy food and mountains " * int(mb * 2**20 / 25)
+    with ThreadPoolExecutor(8) as pool:
+        alone = list(pool.map(lambda i: timed_request(client, i, ctxs), range(32)))
+
+    def refused(_):
+        t0 = time.perf_counter()
+        try:
+            client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                           extra_body={"vllm_xargs": {"costeer_context": huge}})
+        except openai.BadRequestError:
+            return time.perf_counter() - t0
+        raise AssertionError("a huge context was accepted")
+
+    with ThreadPoolExecutor(12) as pool:
+        refusals = [pool.submit(refused, k) for k in range(4)]
+        during = list(pool.map(lambda i: timed_request(client, i, ctxs), range(32)))
+        refuse_s = [f.result() for f in refusals]
+    med = statistics.median
+    return {"context_mb": mb, "others_median_s_alone": med(alone), "others_max_s_alone": max(alone),
+            "others_median_s_during": med(during), "others_max_s_during": max(during),
+            "refusal_s": refuse_s}
+
+
 def run(args) -> dict:
     import openai
 
@@ -142,6 +178,7 @@ def run(args) -> dict:
                         if key == "error" and outcomes[key] <= 5:
                             print("unexpected:", res, flush=True)
 
+        huge = huge_context_phase(client, ctxs, args.huge_context_mb) if args.huge_context_mb else None
         warm = min(args.warmup, args.requests)
         batch(range(warm))
         time.sleep(1.5)
@@ -156,7 +193,7 @@ def run(args) -> dict:
         after = {"rss_mib": rss_mib(pids), "runner": read_stats(stats_file)}
     elapsed = time.monotonic() - t_start
     result = {"requests": args.requests, "concurrency": args.concurrency, "contexts": args.contexts,
-              "abort_frac": args.abort_frac, "outcomes": outcomes, "unexpected_errors": outcomes.get("error", 0),
+              "abort_frac": args.abort_frac, "huge_context": huge, "outcomes": outcomes, "unexpected_errors": outcomes.get("error", 0),
               "before": before, "after": after, "elapsed_s": elapsed, "load_average": os.getloadavg(),
               "rss_growth": (after["rss_mib"] / before["rss_mib"] - 1) if before["rss_mib"] else None}
     print(json.dumps(result, indent=2))
@@ -173,6 +210,9 @@ def main(argv=None) -> dict:
     p.add_argument("--contexts", type=int, default=32)
     p.add_argument("--abort-frac", type=float, default=0.1)
     p.add_argument("--timeout", type=float, default=300.0)
+    p.add_argument("--huge-context-mb", type=float, default=20.0,
+                   help="first, time 32 small requests alone and while 4 requests with a context this large are "
+                        "refused (0: skip)")
     p.add_argument("--large", default=None)
     p.add_argument("--small", default=None)
     p.add_argument("--out", default=None)

@@ -140,7 +140,7 @@ class SmallModelRunner:
         with_ids = BranchIds(self.encode_text(shared_text + rest))
         self.budget.check_tokens(len(with_ids))
         if shared_text and self.context_cache.enabled:
-            with_ids.shared = _common_prefix_length(with_ids, self.encode_text(shared_text))
+            with_ids.shared = common_prefix_length(with_ids, self.encode_text(shared_text))
         return with_ids, self.encode_text(prompt_text)
 
     def encode_branches(self, prompt: PromptLike, context: str) -> tuple[list[int], list[int]]:
@@ -378,7 +378,7 @@ def _left_pad(t: torch.Tensor, dim: int, to: int) -> torch.Tensor:
     return torch.cat([t.new_zeros(shape), t], dim=dim)
 
 
-def _common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
     n = 0
     for x, y in zip(a, b):
         if x != y:

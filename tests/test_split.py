@@ -27,7 +27,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessorList
 
-from costeer_processor import CoSteerConfig, SmallModelRunner
+from costeer_processor import SmallModelRunner
 from costeer_processor.hf import CoSteerLogitsProcessor
 from costeer_processor.split import (
     PROBE_TEXT,
@@ -36,6 +36,7 @@ from costeer_processor.split import (
     SplitModeError,
     generate_split,
 )
+from costeer_processor.split.decode import RunnerGuard
 from costeer_processor.testing import LoopbackProxy
 
 PROMPTS = ["Suggest a dinner recipe.", "Tell me about the history of tea.", "Write a story about a dragon."]
@@ -405,6 +406,20 @@ def test_two_clients_can_share_one_runner(pair, runner, fake):
     assert len(runner) == 0
 
 
+@pytest.mark.timeout(60)
+def test_rows_released_inside_a_running_section_are_freed_when_it_ends(runner):
+    """What a stream generator finalised by the GC in the middle of a round does: no deadlock, no
+    removal in the middle of a runner call, the rows freed when the section ends."""
+    guard = RunnerGuard.of(runner)
+    assert RunnerGuard.of(runner) is guard  # one guard (one lock) per runner, whatever the client
+    with guard.hold() as r:
+        r.add("abandoned", *runner.encode_branches(PROMPTS[0], CONTEXTS[0]))
+    with guard.hold():
+        guard.release(["abandoned"])
+        assert "abandoned" in runner
+    assert "abandoned" not in runner and len(runner) == 0
+
+
 @pytest.mark.parametrize("restart_as,message", [
     ({}, None),  # the same model again: the generation goes on
     ({"name": "another-large"}, "does not serve model 'fake-large' any more"),
@@ -435,7 +450,8 @@ def test_split_feeds_the_small_model_what_the_hf_processor_feeds_it(pair, runner
         {"role": "user", "content": PROMPTS[0]}]
     added = []
     real_add = runner.add
-    monkeypatch.setattr(runner, "add", lambda key, w, wo: (added.append((list(w), list(wo))), real_add(key, w, wo)))
+    monkeypatch.setattr(runner, "add", lambda key, w, wo, **kw: (added.append((list(w), list(wo))),
+                                                                 real_add(key, w, wo, **kw)))
     SplitCoSteerClient(fake.url, runner).generate(messages, CONTEXTS[0], max_new_tokens=2)
     monkeypatch.undo()
     input_ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")["input_ids"]
@@ -470,6 +486,9 @@ def _id_sequences(obj):
             yield keys
         for x in obj.values():
             yield from _id_sequences(x)
+
+
+_int_lists = _id_sequences  # the name tests/test_vocab_map.py imports
 
 
 def _contains_run(seq, run):

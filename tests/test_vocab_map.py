@@ -292,7 +292,10 @@ def test_split_mode_with_two_tokenizer_families_equals_hf(mixed):
 
     from costeer_processor.testing import LoopbackProxy
 
+    from costeer_processor.prompts import with_system_prompt
     from costeer_processor.split import SplitCoSteerClient, SplitModeError
+
+    convs = [with_system_prompt(p, SYSTEM) for p in PROMPTS]  # what hf_mapped's large model reads
 
     large, small, large_tok, small_tok, large_dir, _ = mixed
     runner = SmallModelRunner(small, small_tok)
@@ -304,25 +307,25 @@ def test_split_mode_with_two_tokenizer_families_equals_hf(mixed):
             SplitCoSteerClient(fake.url, runner).generate(PROMPTS[0], CONTEXTS[0], max_new_tokens=2)
         client = SplitCoSteerClient(fake.url, runner, large_tokenizer=large_dir, lookahead=3)
         assert client.vocab_map is not None
-        res = client.generate_batch(PROMPTS, CONTEXTS, max_new_tokens=n)
+        res = client.generate_batch(convs, CONTEXTS, max_new_tokens=n)
         assert [r.token_ids for r in res] == [w[:len(r.token_ids)] for r, w in zip(res, want)]
         assert all(len(r.token_ids) == n or r.finish_reason == "stop" for r in res)
         # certified top-k on the map: same answers
         certified = SplitCoSteerClient(fake.url, runner, large_tokenizer=large_tok, top_logprobs=2,
                                        certify_levels=(16, -1), lookahead=1)
-        cres = certified.generate_batch(PROMPTS, CONTEXTS, max_new_tokens=n)
+        cres = certified.generate_batch(convs, CONTEXTS, max_new_tokens=n)
         assert [r.token_ids for r in cres] == [r.token_ids for r in res]
         assert all(r.uncertified == 0 for r in cres)
         # gating hands the rest to the server, whose ids need no mapping
         gated = SplitCoSteerClient(fake.url, runner, large_tokenizer=large_tok, gate_threshold=0.99, gate_patience=3,
-                                   lookahead=1).generate(PROMPTS[0], CONTEXTS[0], max_new_tokens=n)
+                                   lookahead=1).generate(convs[0], CONTEXTS[0], max_new_tokens=n)
         assert gated.handoff_at == 3
         assert gated.token_ids == hf_mapped(mixed, PROMPTS[0], CONTEXTS[0], n, gate_threshold=0.99,
                                             gate_patience=3)[:len(gated.token_ids)]
         assert len(runner) == 0
         proxy = LoopbackProxy(fake.url)
         try:
-            SplitCoSteerClient(proxy.url, runner, large_tokenizer=large_tok).generate(PROMPTS[0], SECRET,
+            SplitCoSteerClient(proxy.url, runner, large_tokenizer=large_tok).generate(convs[0], SECRET,
                                                                                       max_new_tokens=6)
             records = proxy.records
         finally:
