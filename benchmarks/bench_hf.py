@@ -38,7 +38,7 @@ from costeer_processor import CoSteerConfig, SmallModelRunner, ftrl_reference  #
 from costeer_processor.hf import CoSteerLogitsProcessor  # noqa: E402
 from costeer_processor.prompts import with_system_prompt  # noqa: E402
 
-from benchmarks.workload import CONTEXTS, PROMPTS  # noqa: E402
+from benchmarks.workload import CONTEXTS, PROMPTS, long_context  # noqa: E402
 
 
 
@@ -61,8 +61,13 @@ def tiny_pair():
             build_tiny_model(tok, hidden_size=128, layers=2, heads=2, kv_heads=1, seed=2))
 
 
-def rows(b):
-    return [PROMPTS[i % len(PROMPTS)] for i in range(b)], [CONTEXTS[i % len(CONTEXTS)] for i in range(b)]
+def rows(b, tok=None, context_tokens=0):
+    """``b`` prompts and contexts; with ``context_tokens``, each context is a user profile of about that
+    many tokens (LongLaMP-length personal contexts: the user's preference repeated as history)."""
+    contexts = [CONTEXTS[i % len(CONTEXTS)] for i in range(b)]
+    if context_tokens:
+        contexts = [long_context(c, i, tok, context_tokens) for i, c in enumerate(contexts)]
+    return [PROMPTS[i % len(PROMPTS)] for i in range(b)], contexts
 
 
 def large_inputs(tok, prompts):
@@ -98,12 +103,12 @@ def research_loop(large, small, tok, prompt, context, n, cfg):
         feed = [tok_id, tok_id, tok_id]
 
 
-def bench(large, tok, small, batch_sizes, n, repeats, loop_rows):
+def bench(large, tok, small, batch_sizes, n, repeats, loop_rows, context_tokens=0):
     cfg = CoSteerConfig()
     runner = SmallModelRunner(small, tok)
     results = []
     for b in batch_sizes:
-        prompts, contexts = rows(b)
+        prompts, contexts = rows(b, tok, context_tokens)
         inputs = large_inputs(tok, prompts)
         gen = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False)
         t_plain = timed(lambda: large.generate(**inputs, **gen), repeats)
@@ -123,7 +128,7 @@ def bench(large, tok, small, batch_sizes, n, repeats, loop_rows):
                 runner.remove(("s", i))
         t_small = timed(small_only, repeats)
         del proc
-        row = dict(batch=b, new_tokens=n, plain_tok_s=b * n / t_plain, steered_tok_s=b * n / t_steer,
+        row = dict(batch=b, new_tokens=n, context_tokens=context_tokens, plain_tok_s=b * n / t_plain, steered_tok_s=b * n / t_steer,
                    plain_step_ms=1e3 * t_plain / n, small_step_ms=1e3 * t_small / n,
                    steered_step_ms=1e3 * t_steer / n)
         row["overhead"] = row["steered_step_ms"] / (row["plain_step_ms"] + row["small_step_ms"])
@@ -158,6 +163,8 @@ def main():
     ap.add_argument("--loop-batches", type=int, nargs="*", default=None,
                     help="batch sizes at which to also time the per-row research loop (default: all)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--context-tokens", type=int, default=0,
+                    help="personal contexts of about this many tokens (LongLaMP profiles: 1,000-3,000); 0: short")
     ap.add_argument("--tag", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -170,14 +177,15 @@ def main():
         tag = args.tag or "real"
     large.generate(**large_inputs(tok, ["warm up"]), max_new_tokens=2)  # first-call costs out of the timings
     loop_rows = args.batch_sizes if args.loop_batches is None else args.loop_batches
-    results = bench(large, tok, small, args.batch_sizes, args.new_tokens, args.repeats, loop_rows)
+    results = bench(large, tok, small, args.batch_sizes, args.new_tokens, args.repeats, loop_rows,
+                    args.context_tokens)
     md = table(results)
     print(md)
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
     meta = dict(large=args.large, small=args.small, dtype=args.dtype if args.large != "tiny" else "float32",
                 threads=args.threads, machine=platform.processor() or platform.machine(), cpus=os.cpu_count(),
-                torch=torch.__version__, command=" ".join(sys.argv))
+                torch=torch.__version__, command=" ".join(sys.argv), load_average=os.getloadavg())
     (out / f"bench_hf_{tag}.json").write_text(json.dumps(dict(meta=meta, results=results), indent=2))
     (out / f"bench_hf_{tag}.md").write_text(md + "\n")
     plot(results, out / f"bench_hf_{tag}.png", f"{args.large} + {args.small}")

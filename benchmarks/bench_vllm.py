@@ -44,7 +44,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.workload import CONTEXTS, PROMPTS  # noqa: E402
+from benchmarks.workload import CONTEXTS, PROMPTS, long_context  # noqa: E402
+
+_LONG_CONTEXTS: dict = {"tokens": 0, "tokenizer": None, "cache": {}}
+
+
+def user_context(i: int) -> str:
+    """User i's personal context: the short preference, or (``--context-tokens``) a profile of that length."""
+    short = CONTEXTS[i % len(CONTEXTS)] + f" (user {i})"
+    n = _LONG_CONTEXTS["tokens"]
+    if not n:
+        return short
+    cache = _LONG_CONTEXTS["cache"]
+    if i not in cache:
+        cache[i] = long_context(short, i, _LONG_CONTEXTS["tokenizer"], n)
+    return cache[i]
 
 SYSTEM = "You are a helpful assistant."
 
@@ -82,7 +96,7 @@ def request_once(client, model, i, context, max_tokens):
 
 
 def run_level(client, model, concurrency, n_requests, steered, max_tokens):
-    contexts = [(CONTEXTS[i % len(CONTEXTS)] + f" (user {i})") if steered else None for i in range(n_requests)]
+    contexts = [(user_context(i)) if steered else None for i in range(n_requests)]
     request_once(client, model, 0, contexts[0], 4)  # warm-up
     t0 = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
@@ -110,7 +124,7 @@ def small_step_ms(small_dir, dtype, concurrency, steps, threads):
     runner = SmallModelRunner(model, tok)
     gen = {}
     for i in range(concurrency):
-        runner.add(i, *runner.encode_branches(PROMPTS[i % len(PROMPTS)], CONTEXTS[i % len(CONTEXTS)] + f" (user {i})"))
+        runner.add(i, *runner.encode_branches(PROMPTS[i % len(PROMPTS)], user_context(i)))
         gen[i] = []
     vocab = runner.vocab_size
     large_like = torch.randn(concurrency, vocab)
@@ -156,7 +170,7 @@ def processor_step_ms(large_dir, small_dir, dtype, concurrency, steps, threads):
         text = tok.apply_chat_template([{"role": "system", "content": SYSTEM},
                                         {"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
                                        tokenize=False, add_generation_prompt=True)
-        params = SimpleNamespace(extra_args={"costeer_context": CONTEXTS[i % len(CONTEXTS)] + f" (user {i})"})
+        params = SimpleNamespace(extra_args={"costeer_context": user_context(i)})
         added.append((i, params, tok(text, add_special_tokens=False)["input_ids"], outs[i]))
     proc.update_state(BatchUpdate(batch_size=concurrency, removed=[], added=added, moved=[]))
     vocab = proc.runner.vocab_size
@@ -214,6 +228,8 @@ def main():
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--engine-threads", type=int, default=None,
                     help="the processor's `threads` setting (torch threads of the small model in the engine)")
+    ap.add_argument("--context-tokens", type=int, default=0,
+                    help="personal contexts of about this many tokens (LongLaMP profiles: 1,000-3,000); 0: short")
     ap.add_argument("--tag", default=None)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args()
@@ -235,6 +251,10 @@ def main():
     if not tiny:
         large_dir, small_dir = resolve(args.large, dtype), resolve(args.small, dtype)
     tag = args.tag or ("tiny" if tiny else Path(large_dir).name)
+    if args.context_tokens:
+        from transformers import AutoTokenizer
+
+        _LONG_CONTEXTS.update(tokens=args.context_tokens, tokenizer=AutoTokenizer.from_pretrained(str(small_dir)))
     max_len = args.max_model_len or (256 if tiny else 2048)
     base_args = ["--dtype", dtype, "--max-model-len", str(max_len), "--max-num-seqs", str(max(args.concurrency)),
                  "--enforce-eager", "--served-model-name", "m", "--disable-log-stats"]
@@ -248,6 +268,7 @@ def main():
                                                            if args.engine_threads else {})}})]
 
     results = {"large": str(large_dir), "small": str(small_dir), "dtype": dtype, "max_tokens": args.max_tokens,
+               "context_tokens": args.context_tokens, "load_average": os.getloadavg(),
                "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "levels": {}}
 
     def n_for(c):

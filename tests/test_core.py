@@ -164,3 +164,10 @@ def test_one_pass_falls_back_on_non_finite_small_logits():
     torch.testing.assert_close(out, steer_careful(large, zw, zo, 2.0))
     assert torch.isfinite(out[0, 2]) and torch.isneginf(out[2]).all() and not torch.isnan(out).any()
     torch.testing.assert_close(out[1], torch.log_softmax(large[1], -1))
+
+
+def test_gradients_flow_through_steer():
+    large = random_logits(2, 16, 51).requires_grad_()
+    out = steer(large, random_logits(2, 16, 52), random_logits(2, 16, 53), 1.5)
+    out[:, 0].sum().backward()
+    assert large.grad is not None and torch.isfinite(large.grad).all()

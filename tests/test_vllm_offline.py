@@ -576,10 +576,11 @@ def test_v1_warnings_are_bounded_per_reason(v1_parts, caplog):
     engine = proc.engine
     for i in range(50):
         r = make_request(tok, PROMPTS[0], CONTEXTS[0])
-        r["params"].extra_args["costeer_T"] = 0  # passed no frontend: refused by the engine, left unsteered
+        r["params"].extra_args["costeer_T"] = 0  # passed no frontend: refused by the engine, ended (fail closed)
         proc.update_state(BatchUpdate(batch_size=1, removed=[0] if i else [], moved=[],
                                       added=[(0, r["params"], r["prompt"], r["out"])]))
-    assert proc.steered_rows == {}
+    (handle,) = proc.steered_rows.values()
+    assert handle.failed and "costeer_T" in handle.failed and not handle.active
     logits = torch.randn(3, len(tok))
     logits[:, 0] = float("nan")
     reqs = [make_request(tok, PROMPTS[i], CONTEXTS[i]) for i in range(3)]
@@ -587,7 +588,7 @@ def test_v1_warnings_are_bounded_per_reason(v1_parts, caplog):
         proc.update_state(BatchUpdate(batch_size=3, removed=[], moved=[],
                                       added=[(i, r["params"], r["prompt"], r["out"]) for i, r in enumerate(reqs)]))
         proc.apply(logits.clone())
-    assert engine._warned == {"bad-args", "nonfinite"}
+    assert engine._warned == {"nonfinite"}
 
 
 # ------------------------------------------------------------------------------------------------

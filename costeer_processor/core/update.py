@@ -115,7 +115,8 @@ def steer(
         ``[B, V_L]`` float32 log-probabilities. Steering runs on the common width
         ``min(V_L, V_S)``; ids beyond it are ``-inf``; entries masked (``-inf``) in
         ``llm_logits`` stay ``-inf``; a non-finite delta counts as 0; never NaN.
-        Raises ``ValueError`` when ``llm_logits`` holds NaN or +inf.
+        Raises ``ValueError`` when ``llm_logits`` holds NaN or +inf. Inputs that require grad take
+        the careful path (the one-pass form writes in place), so gradients flow as before.
 
     Example::
 
@@ -127,6 +128,9 @@ def steer(
         1
     """
     _check_shapes(llm_logits, small_logits_with_context, small_logits_without_context)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (llm_logits, small_logits_with_context,
+                                                                 small_logits_without_context)):
+        return steer_careful(llm_logits, small_logits_with_context, small_logits_without_context, config)
     width = min(llm_logits.shape[1], small_logits_with_context.shape[1])
     gain = _gain_column(config, llm_logits.shape[0], llm_logits.device)
     with_ctx = small_logits_with_context[:, :width]
