@@ -104,11 +104,8 @@ def kv_bytes(cache: Optional[DynamicCache]) -> int:
         return 0
     total = 0
     for layer in cache.layers:
-        k = getattr(layer, "_k", None) if isinstance(layer, GrowingLayer) else getattr(layer, "keys", None)
-        v = getattr(layer, "_v", None) if isinstance(layer, GrowingLayer) else getattr(layer, "values", None)
-        for t in (k, v):
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
+        held = (layer._k, layer._v) if isinstance(layer, GrowingLayer) else (layer.keys, layer.values)
+        total += sum(t.numel() * t.element_size() for t in held if isinstance(t, torch.Tensor))
     return total
 
 

@@ -21,7 +21,7 @@ from typing import Hashable, Iterable, Optional, Sequence, Union
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from .kv_cache import ContextCache, growing_cache, kv_bytes, set_layer, truncate
+from .kv_cache import ContextCache, GrowingLayer, growing_cache, kv_bytes, set_layer, truncate
 from .prompts import ContextBudget, ContextSplicer, ContextTooLongError, PromptLike  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ class SmallModelRunner:
         self._last: Optional[torch.Tensor] = None  # [2n, V] logits after the last fed token
         self.forward_count = 0  # batched forwards run (for benchmarks and tests)
         self.prefill_tokens = 0  # tokens run through prefill forwards (a context-cache hit saves most)
-        reusable = all(type(layer).__name__ == "GrowingLayer" for layer in growing_cache(model.config).layers)
+        reusable = all(isinstance(layer, GrowingLayer) for layer in growing_cache(model.config).layers)
         self.context_cache = ContextCache(int(context_cache_mb * 2**20) if reusable else 0)
 
     # ------------------------------------------------------------------ inputs
@@ -136,8 +136,9 @@ class SmallModelRunner:
         """Token ids of both branches for an already-templated prompt text."""
         self.check_context(context)
         shared_text, rest = self.splicer.splice_parts(prompt_text, context)
-        self.budget.check_text(shared_text + rest)
-        with_ids = BranchIds(self.encode_text(shared_text + rest))
+        with_text = shared_text + rest
+        self.budget.check_text(with_text)
+        with_ids = BranchIds(self.encode_text(with_text))
         self.budget.check_tokens(len(with_ids))
         if shared_text and self.context_cache.enabled:
             with_ids.shared = common_prefix_length(with_ids, self.encode_text(shared_text))

@@ -171,3 +171,12 @@ def test_gradients_flow_through_steer():
     out = steer(large, random_logits(2, 16, 52), random_logits(2, 16, 53), 1.5)
     out[:, 0].sum().backward()
     assert large.grad is not None and torch.isfinite(large.grad).all()
+
+
+def test_eos_guard_takes_one_threshold_per_row():
+    logits = torch.tensor([[5.0, 0.0, 0.0], [5.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    steered = torch.log_softmax(torch.tensor([[0.0, 3.0, 0.0]] * 3), -1)
+    out = force_eos(steered, logits, [0], torch.tensor([0.5, float("inf"), 0.2]))
+    assert out[0].argmax() == 0 and torch.isneginf(out[0, 1:]).all()  # p(EOS) 0.99 > 0.5: stopped
+    torch.testing.assert_close(out[1], steered[1])  # inf: never stopped
+    assert out[2].argmax() == 0  # 1/3 > 0.2: stopped

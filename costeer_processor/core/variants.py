@@ -6,7 +6,7 @@ Batched helpers used by every adapter; the settings themselves (thresholds, pati
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Sequence, Union
 
 import torch
 
@@ -39,11 +39,12 @@ def update_confidence_streak(streak: torch.Tensor, llm_logits: torch.Tensor, thr
 
 
 def force_eos(logprobs: torch.Tensor, llm_logits: torch.Tensor, eos_token_ids: Sequence[int],
-              threshold: float) -> torch.Tensor:
+              threshold: Union[float, torch.Tensor]) -> torch.Tensor:
     """EOS guard: rows whose large model gives EOS probability > ``threshold`` must stop now.
 
-    Such rows get log-prob 0 on their most likely EOS id and ``-inf`` elsewhere, so steering
-    cannot stretch an answer past where the large model would end it.
+    ``threshold`` is one value or one per row (``[B]``; ``inf`` leaves a row alone). Such rows get
+    log-prob 0 on their most likely EOS id and ``-inf`` elsewhere, so steering cannot stretch an
+    answer past where the large model would end it.
     """
     if not eos_token_ids or logprobs.shape[0] == 0:
         return logprobs

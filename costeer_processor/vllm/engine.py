@@ -50,7 +50,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 
-from ..core import eos_probability, force_eos, steer, top_probability
+from ..core import force_eos, steer, top_probability
 from ..loading import CoSteerModelError, check_same_tokenizer, eos_token_ids, load_model, load_tokenizer
 from ..prompts import PromptBridge
 from ..small_model import SmallModelRunner
@@ -486,8 +486,6 @@ class SteeringEngine:
         """The EOS guard, per row threshold (rows without one are left as they are)."""
         if all(t is None for t in thresholds):
             return steered
-        thr = torch.tensor([2.0 if t is None else t for t in thresholds], dtype=torch.float32, device=steered.device)
-        # force_eos takes one threshold; apply it at each row's own (rows at 2.0 never trigger: p <= 1)
-        forced = force_eos(steered, large, self.eos_token_ids, 0.0)
-        stop = eos_probability(large, self.eos_token_ids) > thr
-        return torch.where(stop[:, None], forced, steered)
+        thr = torch.tensor([float("inf") if t is None else t for t in thresholds], dtype=torch.float32,
+                           device=steered.device)
+        return force_eos(steered, large, self.eos_token_ids, thr)
