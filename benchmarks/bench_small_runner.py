@@ -1,21 +1,24 @@
-"""The small-model runner at scale: long vs short personal contexts, the previous runner vs today's.
+"""The small-model runner at scale: long vs short personal contexts, earlier runners vs today's.
 
 Side by side in one run, for N users whose with-context prompts hold ``--long-tokens`` (LongLaMP
 profile length) or ``--short-tokens`` context tokens:
 
-* ``admit s``: registering the N requests and prefilling both branches (one ``step``);
+* ``admit s``: registering the N requests and prefilling both branches (tokenising included);
+* ``prefill s``: the prefill alone (the first ``step``, tokenising excluded);
 * ``step ms``: one decode step over all 2N branch rows (median);
 * ``KV MiB`` and ``KV / needed``: bytes the cache holds vs the sum of row lengths x bytes per token;
 * ``reuse``: a second request of each user with the same context and another prompt (context cache
-  hit) - its prefill time over the first request's.
+  hit): its prefill time over the first request's prefill time.
 
-The previous runner is read from git (``--baseline-rev``, default: the commit before this work), so
-both are measured on the same machine in the same process. Random weights of real shapes
-(``--shape qwen0.5b``: Qwen2.5-0.5B-Instruct) or a scaled-down shape for CPUs (``--shape mini``).
+Runners (``--runners``): ``first`` (the first release's runner, commit ``f005533``: one padded axis,
+``torch.cat`` per step), ``padded`` (commit ``0b03b48``: the same padded axis, grown in place, with
+the context cache) and ``packed`` (today: :mod:`costeer_processor.packed_kv`). Earlier runners are
+read from git, so all are measured on the same machine in the same process. Random weights of real
+shapes (``--shape qwen0.5b``: Qwen2.5-0.5B-Instruct) or a scaled-down shape for CPUs (``--shape mini``).
 
 Usage::
 
-    python benchmarks/bench_small_runner.py --shape mini --users 8            # CPU, ~2 minutes
+    python benchmarks/bench_small_runner.py --shape mini --users 16           # CPU, a few minutes
     python benchmarks/bench_small_runner.py --shape qwen0.5b --users 16 --device cuda
 """
 
@@ -39,7 +42,6 @@ from transformers import AutoModelForCausalLM, Qwen2Config
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from costeer_processor import SmallModelRunner  # noqa: E402
-from costeer_processor.kv_cache import kv_bytes  # noqa: E402
 from costeer_processor.testing import build_tiny_tokenizer  # noqa: E402
 
 SHAPES = {
@@ -49,22 +51,30 @@ SHAPES = {
                  num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True),
 }
 WORDS = "I am vegan and I love very spicy food. I hate crowds and love mountains and science fiction.".split()
-BASELINE_REV = "f005533"
+REVISIONS = {"first": "f005533", "padded": "0b03b48"}
+
+
+def _load_source(name: str, source: str):
+    path = Path(tempfile.mkdtemp()) / f"{name}.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
 
 
 def legacy_runner_class(rev: str, baseline_file: str = None):
-    if baseline_file:
-        source = Path(baseline_file).read_text()
-    else:
-        source = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:costeer_processor/small_model.py"],
-                                check=True, capture_output=True, text=True).stdout
-    path = Path(tempfile.mkdtemp()) / "legacy_small_model.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("legacy_small_model", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["legacy_small_model"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module.SmallModelRunner
+    """``SmallModelRunner`` of an earlier commit (its own ``kv_cache`` too; other imports from today)."""
+    def show(path):
+        return subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{path}"], check=True, capture_output=True,
+                              text=True).stdout
+    source = Path(baseline_file).read_text() if baseline_file else show("costeer_processor/small_model.py")
+    if "from .kv_cache import" in source:
+        _load_source(f"legacy_kv_cache_{rev}", show("costeer_processor/kv_cache.py"))
+        source = source.replace("from .kv_cache import", f"from legacy_kv_cache_{rev} import")
+    source = source.replace("from .", "from costeer_processor.")
+    return _load_source(f"legacy_small_model_{rev}", source).SmallModelRunner
 
 
 def context_of(n_tokens: int, tok, seed: int) -> str:
@@ -80,12 +90,10 @@ def sync(device: str) -> None:
 
 
 def cache_bytes(runner) -> int:
-    cache = getattr(runner, "_cache", None)
-    if cache is None:
-        return 0
     if hasattr(runner, "stats"):
-        return kv_bytes(cache)
-    return sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
+        return runner.stats()["kv_bytes"]
+    cache = getattr(runner, "_cache", None)  # the first runner: plain DynamicCache layers
+    return 0 if cache is None else sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
 
 
 def measure(runner, tok, contexts: list[str], device: str, steps: int, bytes_per_token: int) -> dict:
@@ -95,9 +103,10 @@ def measure(runner, tok, contexts: list[str], device: str, steps: int, bytes_per
     rows = [runner.encode_branches(c, ctx) for c, ctx in zip(chats, contexts)]
     for k, (w, wo) in zip(keys, rows):
         runner.add(k, w, wo)
+    t1 = time.perf_counter()
     runner.step([(k, []) for k in keys])
     sync(device)
-    admit = time.perf_counter() - t0
+    admit, prefill = time.perf_counter() - t0, time.perf_counter() - t1
     times, fed = [], []
     for t in range(steps):
         fed.append(100 + t)
@@ -109,17 +118,17 @@ def measure(runner, tok, contexts: list[str], device: str, steps: int, bytes_per
     held = cache_bytes(runner)
     for k in keys:
         runner.remove(k)
-    out = {"admit_s": admit, "step_ms": statistics.median(times[1:]) * 1e3, "kv_mib": held / 2**20,
-           "kv_over_needed": held / needed}
+    out = {"admit_s": admit, "prefill_s": prefill, "step_ms": statistics.median(times[1:]) * 1e3,
+           "kv_mib": held / 2**20, "kv_over_needed": held / needed}
     if hasattr(runner, "context_cache") and runner.context_cache.enabled:  # a second request per user
         chats2 = [[{"role": "user", "content": f"Another question {i}: plan my weekend."}] for i in keys]
-        t0 = time.perf_counter()
         for k, c, ctx in zip(keys, chats2, contexts):
             runner.add(("again", k), *runner.encode_branches(c, ctx))
+        t0 = time.perf_counter()
         runner.step([(("again", k), []) for k in keys])
         sync(device)
-        out["reuse_admit_s"] = time.perf_counter() - t0
-        out["reuse_over_first"] = out["reuse_admit_s"] / admit
+        out["reuse_prefill_s"] = time.perf_counter() - t0
+        out["reuse_over_first"] = out["reuse_prefill_s"] / prefill
         for k in keys:
             runner.remove(("again", k))
     return out
@@ -134,8 +143,9 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--baseline-rev", default=BASELINE_REV)
-    p.add_argument("--baseline-file", default=None, help="the previous small_model.py (where git is not at hand)")
+    p.add_argument("--runners", nargs="+", choices=["first", "padded", "packed"], default=["first", "padded", "packed"])
+    p.add_argument("--baseline-file", default=None,
+                   help="the first runner's small_model.py (where git is not at hand; the padded one needs git)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     tok = build_tiny_tokenizer()
@@ -146,30 +156,37 @@ def main(argv=None) -> dict:
         model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype)).eval()
     head_dim = config.hidden_size // config.num_attention_heads
     bytes_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * model.dtype.itemsize
-    Legacy = legacy_runner_class(args.baseline_rev, args.baseline_file)
+    def maker(cls, **kwargs):
+        return lambda: cls(model, tok, **kwargs)
+
+    makers = {"packed": maker(SmallModelRunner, context_cache_mb=4096)}
+    if "first" in args.runners:
+        makers["first"] = maker(legacy_runner_class(REVISIONS["first"], args.baseline_file))
+    if "padded" in args.runners:
+        makers["padded"] = maker(legacy_runner_class(REVISIONS["padded"]), context_cache_mb=4096)
     results = []
     for label, n in (("short", args.short_tokens), ("long", args.long_tokens)):
         contexts = [context_of(n, tok, i) for i in range(args.users)]
-        for name, make in (("previous", lambda: Legacy(model, tok)),
-                           ("today", lambda: SmallModelRunner(model, tok, context_cache_mb=4096))):
+        for name in args.runners:
+            make = makers[name]
             row = {"contexts": label, "context_tokens": n, "runner": name}
             row.update(measure(make(), tok, contexts, args.device, args.steps, bytes_per_token))
             results.append(row)
             print(json.dumps(row), flush=True)
     by = {(r["contexts"], r["runner"]): r for r in results}
-    summary = {name: by[("long", name)]["step_ms"] / by[("short", name)]["step_ms"] for name in ("previous", "today")}
+    summary = {name: by[("long", name)]["step_ms"] / by[("short", name)]["step_ms"] for name in args.runners}
     card = torch.cuda.get_device_name() if args.device.startswith("cuda") else (platform.processor() or "cpu")
     meta = {"device": card, "shape": args.shape, "users": args.users, "dtype": args.dtype,
             "command": "python benchmarks/bench_small_runner.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "torch": torch.__version__, "threads": torch.get_num_threads(), "load_average": os.getloadavg(),
             "long_step_over_short_step": summary}
     lines = [f"{card}; shape {args.shape}, {args.users} users, {args.dtype}; load {meta['load_average'][0]:.2f}", "",
-             "| contexts | runner | admit s | step ms | KV MiB | KV / needed | reuse admit / first |",
-             "|---|---|---|---|---|---|---|"]
+             "| contexts | runner | admit s | prefill s | step ms | KV MiB | KV / needed | reuse prefill / first |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in results:
-        reuse = f"{r['reuse_over_first']:.2f}" if "reuse_over_first" in r else "-"
+        reuse = f"{r['reuse_over_first']:.3f}" if "reuse_over_first" in r else "-"
         lines.append(f"| {r['contexts']} ({r['context_tokens']}) | {r['runner']} | {r['admit_s']:.2f} | "
-                     f"{r['step_ms']:.1f} | {r['kv_mib']:.1f} | {r['kv_over_needed']:.2f} | {reuse} |")
+                     f"{r['prefill_s']:.2f} | {r['step_ms']:.1f} | {r['kv_mib']:.1f} | {r['kv_over_needed']:.2f} | {reuse} |")
     lines.append("")
     lines.append("long-context step / short-context step: " + ", ".join(f"{k} {v:.2f}x" for k, v in summary.items()))
     print("\n".join(lines))

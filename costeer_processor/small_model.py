@@ -6,10 +6,11 @@ KV cache: the small model's prompt *with* the personal context and the same prom
 emitted and returns both branches' next-token logits. Requests join, leave and are
 re-synchronised at any step (continuous batching), keyed by any hashable id.
 
-Layout: cache row ``2*i`` is request ``i`` with context, ``2*i + 1`` without. All rows
-share one sequence axis, left-padded with masked holes, so a decode step is a single
-``[2n, 1]`` forward with an attention mask and explicit positions. New requests are
-prefilled together in one forward and then merged into the running cache.
+Layout: every branch row lives in fixed-size blocks of a packed KV pool
+(:class:`~costeer_processor.packed_kv.PackedRows`), so memory and attention work follow the sum
+of row lengths, and joining or leaving copies nobody else's cache. A decode step is a single
+``[2n, 1]`` forward (both rows of every advancing request) with explicit positions. New
+requests are prefilled together (with the model's own attention) and written into free blocks.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from typing import Hashable, Iterable, Optional, Sequence, Union
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from .kv_cache import ContextCache, GrowingLayer, growing_cache, kv_bytes, set_layer, truncate
+from .kv_cache import ContextCache
+from .packed_kv import PackedRows
 from .prompts import ContextBudget, ContextSplicer, ContextTooLongError, PromptLike  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
@@ -57,6 +59,7 @@ class _Request:
     shared: int = 0  # leading ids_with that form the reusable context prefix
     salt: Optional[Hashable] = None
     fed: list[int] = field(default_factory=list)  # generated ids already in the cache
+    rows: Optional[tuple[int, int]] = None  # (with, without) row ids in the packed cache, once prefilled
 
 
 class SmallModelRunner:
@@ -106,15 +109,11 @@ class SmallModelRunner:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self._requests: dict[Hashable, _Request] = {}
-        self._rows: list[Hashable] = []  # keys in cache order
-        self._cache: Optional[DynamicCache] = None
-        self._mask: Optional[torch.Tensor] = None  # [2n, L] 1 = real token
-        self._lengths: Optional[torch.Tensor] = None  # [2n] real tokens so far (next position id)
-        self._last: Optional[torch.Tensor] = None  # [2n, V] logits after the last fed token
+        self._store = PackedRows(model.config, next(model.parameters()).dtype, self.device)
+        self._last: Optional[torch.Tensor] = None  # [row ids, V] logits after each row's last fed token
         self.forward_count = 0  # batched forwards run (for benchmarks and tests)
         self.prefill_tokens = 0  # tokens run through prefill forwards (a context-cache hit saves most)
-        reusable = all(isinstance(layer, GrowingLayer) for layer in growing_cache(model.config).layers)
-        self.context_cache = ContextCache(int(context_cache_mb * 2**20) if reusable else 0)
+        self.context_cache = ContextCache(int(context_cache_mb * 2**20))
 
     # ------------------------------------------------------------------ inputs
     @property
@@ -169,13 +168,12 @@ class SmallModelRunner:
 
     def remove(self, key: Hashable) -> None:
         """Forgets a request and frees its cache rows (no-op for unknown keys)."""
+        self._release([key])
         self._requests.pop(key, None)
-        if key in self._rows:
-            self._drop_rows([key])
 
     def clear(self) -> None:
+        self._release(list(self._requests))
         self._requests.clear()
-        self._rows, self._cache, self._mask, self._lengths, self._last = [], None, None, None, None
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self._requests
@@ -186,17 +184,24 @@ class SmallModelRunner:
     @property
     def cached_rows(self) -> int:
         """Requests whose branches currently sit in the KV cache."""
-        return len(self._rows)
+        return len(self._store) // 2
 
     @property
-    def cache_length(self) -> int:
-        return 0 if self._mask is None else int(self._mask.shape[1])
+    def kv_tokens(self) -> int:
+        """Tokens held in the packed KV cache (the sum of the cached rows' lengths)."""
+        return self._store.tokens()
 
     def stats(self) -> dict:
-        """Requests, cached rows, KV columns and bytes, forwards, prefill tokens, context-cache figures."""
-        return {"requests": len(self._requests), "cached_rows": self.cached_rows, "cache_length": self.cache_length,
-                "kv_bytes": kv_bytes(self._cache), "forwards": self.forward_count,
-                "prefill_tokens": self.prefill_tokens, "context_cache": self.context_cache.stats()}
+        """Requests, cached rows, KV tokens and bytes, forwards, prefill tokens, context-cache figures.
+
+        ``kv_bytes`` is what the pools hold (free blocks included); ``kv_bytes_needed`` is
+        ``kv_tokens`` x bytes per token, the floor any layout needs.
+        """
+        store = self._store
+        return {"requests": len(self._requests), "cached_rows": self.cached_rows, "kv_tokens": store.tokens(),
+                "kv_bytes": store.nbytes(), "kv_bytes_needed": store.tokens() * store.bytes_per_token(),
+                "forwards": self.forward_count, "prefill_tokens": self.prefill_tokens,
+                "context_cache": self.context_cache.stats()}
 
     # ------------------------------------------------------------------ the step
     @torch.inference_mode()
@@ -223,81 +228,63 @@ class SmallModelRunner:
             ids = list(ids)
             generated[key] = ids
             n = len(req.fed)
-            if key in self._rows and len(ids) == n + 1 and ids[:n] == req.fed:
+            if req.rows is not None and len(ids) == n + 1 and ids[:n] == req.fed:
                 decode[key] = ids[-1]
-            elif key in self._rows and ids == req.fed:
+            elif req.rows is not None and ids == req.fed:
                 continue  # nothing new: the last logits are still right
             else:
                 fresh.append(key)
-        stale = [k for k in fresh if k in self._rows]
-        if stale:
-            self._drop_rows(stale)
+        self._release([k for k in fresh if self._requests[k].rows is not None])
         if decode:
             self._decode(decode)
-            for key, tok in decode.items():
-                self._requests[key].fed.append(tok)
         if fresh:
             self._prefill(fresh, generated)
-        index = {k: i for i, k in enumerate(self._rows)}
-        rows = torch.tensor([index[k] for k, _ in batch], device=self.device)
-        return self._last[2 * rows], self._last[2 * rows + 1]
+        rows = torch.tensor([self._requests[k].rows for k, _ in batch], device=self.device)
+        return self._last[rows[:, 0]], self._last[rows[:, 1]]
 
-    def _forward(self, input_ids, attention_mask, position_ids, cache, logits_to_keep=1):
+    def _forward(self, input_ids, attention_mask, position_ids, cache):
         self.forward_count += 1
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=cache, use_cache=True, logits_to_keep=logits_to_keep)
-        return out.logits[:, -1, :], out.past_key_values
+                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1, :]
 
     def _decode(self, tokens: dict[Hashable, int]) -> None:
-        """One ``[2n, 1]`` forward over the whole cache; rows not advanced get a masked hole."""
-        n = len(self._rows)
-        dev = self.device
-        step_ids = torch.full((2 * n,), self.pad_id, dtype=torch.long, device=dev)
-        step_mask = torch.zeros(2 * n, dtype=self._mask.dtype, device=dev)
-        if len(tokens) == n:
-            step_ids = torch.tensor([tokens[k] for k in self._rows], device=dev).repeat_interleave(2)
-            step_mask.fill_(1)
-        else:
-            for i, key in enumerate(self._rows):
-                if key in tokens:
-                    step_ids[2 * i: 2 * i + 2] = tokens[key]
-                    step_mask[2 * i: 2 * i + 2] = 1
-        mask = torch.cat([self._mask, step_mask[:, None]], dim=1)
-        columns = [layer.get_seq_length() for layer in self._cache.layers]
-        try:
-            logits, self._cache = self._forward(step_ids[:, None], mask, self._lengths[:, None], self._cache)
-        except BaseException:  # roll back the columns some layers already appended, then re-raise
-            truncate(self._cache, columns)
-            raise
-        self._mask = mask
-        advanced = step_mask.bool()
-        self._lengths = self._lengths + step_mask.to(self._lengths.dtype)
-        self._last = torch.where(advanced[:, None], logits.to(self._last.dtype), self._last)
+        """One ``[2n, 1]`` forward over the packed cache: both rows of every advanced request."""
+        reqs = [self._requests[k] for k in tokens]
+        rows = torch.tensor([r.rows for r in reqs], device=self.device).flatten()
+        ids = torch.tensor(list(tokens.values()), device=self.device).repeat_interleave(2)
+        self.forward_count += 1
+        logits = self._store.decode(self.model, rows, ids)
+        self._last[rows] = logits.to(self._last.dtype)
+        for req, tok in zip(reqs, tokens.values()):
+            req.fed.append(tok)
 
     def _prefill(self, keys: list[Hashable], generated: dict[Hashable, list[int]]) -> None:
-        """Prefills new requests (left-padded) and merges them into the running cache.
+        """Prefills new requests (two left-padded forwards: with-context rows, then the shorter
+        without-context rows, each padded only to its own longest) and packs them into blocks.
 
-        The with-context branch is usually much longer (it holds the context), so the two
-        branches are prefilled as two forwards, each padded only to its own longest row,
-        and interleaved afterwards. With-context rows whose context prefix is in the
+        With-context rows whose context prefix is in the
         :class:`~costeer_processor.kv_cache.ContextCache` start from its KV and run only the rest.
         """
         reqs = [self._requests[key] for key in keys]
         for key, req in zip(keys, reqs):
             req.fed = list(generated[key])
         parts = [self._prefill_with_context(reqs), self._prefill_rows([r.ids_without + r.fed for r in reqs])]
-        width = max(p[1].shape[1] for p in parts)
+        added = [self._store.add(cache, mask) for cache, mask, _ in parts]  # a failure above leaves no rows
+        rows = torch.tensor(added, device=self.device)  # [2, n]
+        self._grow_last(int(rows.max()) + 1, parts[0][2].dtype)
+        for branch, (_, _, logits) in enumerate(parts):
+            self._last[rows[branch]] = logits.to(self._last.dtype)
+        for req, pair in zip(reqs, rows.T.tolist()):
+            req.rows = tuple(pair)
 
-        def interleave(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
-            a, b = _left_pad(a, dim, width), _left_pad(b, dim, width)
-            return torch.stack([a, b], dim=1).flatten(0, 1)
-
-        (cache_w, mask_w, logits_w), (cache_wo, mask_wo, logits_wo) = parts
-        for lw, lwo in zip(cache_w.layers, cache_wo.layers):
-            set_layer(lw, interleave(lw.keys, lwo.keys, 2), interleave(lw.values, lwo.values, 2))
-        mask = interleave(mask_w, mask_wo, 1)
-        logits = torch.stack([logits_w, logits_wo], dim=1).flatten(0, 1)
-        self._merge(keys, cache_w, mask, mask.sum(-1), logits)
+    def _grow_last(self, rows: int, dtype: torch.dtype) -> None:
+        """Room in the last-logits table for row ids below ``rows`` (amortised growth)."""
+        if self._last is None or self._last.shape[0] < rows:
+            grown = torch.empty((rows + max(8, rows // 4), self.vocab_size), dtype=dtype, device=self.device)
+            if self._last is not None:
+                grown[:self._last.shape[0]] = self._last
+            self._last = grown
 
     def _prefill_with_context(self, reqs: list[_Request]):
         """The with-context rows: reused context KV where the cache has it, one forward for the rest."""
@@ -305,7 +292,7 @@ class SmallModelRunner:
         cache_keys = [cc.key(r.ids_with[:r.shared], r.salt) if cc.enabled and r.shared else None for r in reqs]
         hits = [cc.get(k) if k is not None else None for k in cache_keys]
         skip = [r.shared if hit is not None else 0 for r, hit in zip(reqs, hits)]
-        past = _stack_prefixes(hits, skip, self.model.config) if any(skip) else None
+        past = _stack_prefixes(hits, skip) if any(skip) else None
         cache, mask, logits = self._prefill_rows([r.ids_with[n:] + r.fed for r, n in zip(reqs, skip)], past, skip)
         width = mask.shape[1]
         for r, (req, key, n) in enumerate(zip(reqs, cache_keys, skip)):
@@ -327,56 +314,25 @@ class SmallModelRunner:
             ids[r, width - len(s):] = torch.tensor(s, device=dev)
             mask[r, width - len(s):] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = growing_cache(self.model.config)
+        cache = DynamicCache()  # full-attention layers: every column is kept for the packed cache
         if past is not None:
             cache, past_mask = past
             positions = positions + torch.tensor(offsets, device=dev)[:, None]
             mask = torch.cat([past_mask, mask], dim=1)
         self.prefill_tokens += int(mask[:, -width:].sum())
-        logits, cache = self._forward(ids, mask, positions, cache)
+        logits = self._forward(ids, mask, positions, cache)
         return cache, mask, logits
 
-    def _merge(self, keys, cache: DynamicCache, mask, lengths, logits) -> None:
-        if self._cache is None or not self._rows:
-            self._rows, self._cache, self._mask, self._lengths, self._last = list(keys), cache, mask, lengths, logits
-            return
-        width = max(self._mask.shape[1], mask.shape[1])
-        left_pad = _left_pad
-        for old_layer, new_layer in zip(self._cache.layers, cache.layers):
-            set_layer(old_layer, torch.cat([left_pad(old_layer.keys, 2, width), left_pad(new_layer.keys, 2, width)]),
-                      torch.cat([left_pad(old_layer.values, 2, width), left_pad(new_layer.values, 2, width)]))
-        self._mask = torch.cat([left_pad(self._mask, 1, width), left_pad(mask, 1, width)])
-        self._lengths = torch.cat([self._lengths, lengths])
-        self._last = torch.cat([self._last, logits.to(self._last.dtype)])
-        self._rows += list(keys)
-
-    def _drop_rows(self, keys: Iterable[Hashable]) -> None:
-        drop = set(keys)
-        keep = [i for i, k in enumerate(self._rows) if k not in drop]
-        self._rows = [self._rows[i] for i in keep]
-        if not keep:
-            self._cache, self._mask, self._lengths, self._last = None, None, None, None
-            return
-        idx = torch.tensor([2 * i + b for i in keep for b in (0, 1)], device=self.device)
-        # Trim leading columns that no remaining row uses, so the cache does not only grow.
-        mask = self._mask.index_select(0, idx)
-        used = mask.any(dim=0).nonzero()
-        start = int(used[0]) if used.numel() else mask.shape[1]
-        for layer in self._cache.layers:
-            set_layer(layer, layer.keys.index_select(0, idx)[:, :, start:], layer.values.index_select(0, idx)[:, :, start:])
-        self._mask = mask[:, start:]
-        self._lengths = self._lengths.index_select(0, idx)
-        self._last = self._last.index_select(0, idx)
-
-
-def _left_pad(t: torch.Tensor, dim: int, to: int) -> torch.Tensor:
-    """Zero-pads ``t`` on the left of ``dim`` up to length ``to`` (masked holes in the cache)."""
-    missing = to - t.shape[dim]
-    if missing <= 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = missing
-    return torch.cat([t.new_zeros(shape), t], dim=dim)
+    def _release(self, keys: Iterable[Hashable]) -> None:
+        rows = []
+        for key in keys:
+            req = self._requests.get(key)
+            if req is not None and req.rows is not None:
+                rows += req.rows
+                req.rows = None
+        self._store.drop(rows)
+        if not len(self._store):
+            self._last = None  # idle: no logits table either
 
 
 def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
@@ -388,22 +344,21 @@ def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-def _stack_prefixes(hits, lengths: list[int], config):
+def _stack_prefixes(hits, lengths: list[int]):
     """Cached prefix KV of some rows as one right-aligned, left-padded past cache and its mask."""
     rows, width = len(hits), max(lengths)
     first = next(h for h in hits if h is not None)
-    cache = growing_cache(config)
+    cache = DynamicCache()
     dev = first[0][0].device
     mask = torch.zeros((rows, width), dtype=torch.long, device=dev)
     for r, n in enumerate(lengths):
         mask[r, width - n:] = 1
-    for i, layer in enumerate(cache.layers):
-        k0, v0 = first[i]
+    for i, (k0, v0) in enumerate(first):
         keys = k0.new_zeros((rows, k0.shape[1], width, k0.shape[3]))
         values = v0.new_zeros((rows, v0.shape[1], width, v0.shape[3]))
         for r, (hit, n) in enumerate(zip(hits, lengths)):
             if hit is not None:
                 keys[r, :, width - n:] = hit[i][0][0]
                 values[r, :, width - n:] = hit[i][1][0]
-        set_layer(layer, keys, values)
+        cache.update(keys, values, i)
     return cache, mask

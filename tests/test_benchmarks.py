@@ -34,3 +34,15 @@ def test_update_benchmark_compares_both_forms(tmp_path):
     (r,) = results
     assert r["one_pass_ms"] > 0 and r["careful_ms"] > 0
     assert r["max_abs_diff"] < 1e-4  # the two forms agree
+
+
+def test_small_runner_benchmark_reports_memory_speed_and_reuse(tmp_path):
+    out = load("bench_small_runner").main(["--shape", "mini", "--users", "2", "--long-tokens", "150",
+                                           "--short-tokens", "10", "--steps", "3", "--dtype", "float32",
+                                           "--runners", "packed", "--out", str(tmp_path / "r.json")])
+    rows = {r["contexts"]: r for r in out["results"]}
+    assert set(rows) == {"short", "long"}
+    for r in rows.values():
+        assert r["step_ms"] > 0 and r["prefill_s"] > 0 and r["kv_mib"] > 0 and r["reuse_prefill_s"] > 0
+        assert 1.0 <= r["kv_over_needed"]  # never less than the tokens themselves
+    assert "| long (150) | packed |" in (tmp_path / "r.md").read_text()

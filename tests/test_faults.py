@@ -93,7 +93,7 @@ def test_a_forward_failure_ends_its_requests_and_leaves_the_runner_consistent(sm
     a = engine.apply(logits[:1].clone(), [0], [handles[0]], [[7]])
     b = clean.apply(logits[:1].clone(), [0], [ref_handles[0]], [[7]])
     torch.testing.assert_close(a, b)
-    assert engine.runner.cache_length == clean.runner.cache_length
+    assert engine.runner.kv_tokens == clean.runner.kv_tokens
 
 
 def test_arguments_the_engine_refuses_end_the_request(small_model, tokenizer, logits):

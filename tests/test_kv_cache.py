@@ -1,10 +1,11 @@
-"""The small model's KV storage: in-place growth, rollback after a failed forward, the context cache."""
+"""The small model's KV storage: in-place decode writes, a failed forward changes nothing, the context cache."""
 
 import pytest
 import torch
 
 from costeer_processor import SmallModelRunner
-from costeer_processor.kv_cache import ContextCache, GrowingLayer
+from costeer_processor.kv_cache import ContextCache
+from costeer_processor.packed_kv import PackedRows
 
 CHAT = [{"role": "user", "content": "Suggest a dinner recipe."}]
 OTHER_CHAT = [{"role": "user", "content": "Write a story about a dragon."}]
@@ -74,18 +75,22 @@ def test_eviction_keeps_the_cache_under_its_cap(small_model, tokenizer):
         SmallModelRunner(small_model, tokenizer, context_cache_mb=-1)
 
 
-def test_decode_appends_in_place(small_model, tokenizer):
+def test_decode_writes_in_place_and_joining_moves_nobody(small_model, tokenizer):
     runner = SmallModelRunner(small_model, tokenizer)
+    runner._store = store = PackedRows(small_model.config, torch.float32, runner.device, block=64)
     w, wo = runner.encode_branches(CHAT, "I am vegan.")
     runner.add("a", w, wo)
     runner.step([("a", [])])
-    layer = runner._cache.layers[0]
-    assert isinstance(layer, GrowingLayer)
-    runner.step([("a", [5])])  # first append allocates spare columns
-    ptr = layer._k.data_ptr()
-    for t in range(2, 12):
-        runner.step([("a", list(range(5, 5 + t)))])
-    assert layer._k.data_ptr() == ptr and layer.length == layer.keys.shape[-2]
+    rows_a = runner._requests["a"].rows
+    blocks_a = (store.owner == rows_a[0]).nonzero().flatten().tolist()
+    runner.add("b", *runner.encode_branches(OTHER_CHAT, "I like dragons."))  # written into free blocks
+    runner.step([("a", []), ("b", [])])
+    assert (store.owner == rows_a[0]).nonzero().flatten().tolist() == blocks_a  # "a" was not moved
+    ptr = store.keys[0].data_ptr()
+    for t in range(1, 4):
+        runner.step([("a", list(range(5, 5 + t))), ("b", list(range(5, 5 + t)))])
+    assert len(w) + 3 < 64 and store.keys[0].data_ptr() == ptr  # no block filled up: every column written in place
+    assert (store.owner == rows_a[0]).nonzero().flatten().tolist()[:len(blocks_a)] == blocks_a
 
 
 def test_a_forward_that_fails_half_way_leaves_the_runner_consistent(small_model, tokenizer, monkeypatch):
@@ -109,4 +114,4 @@ def test_a_forward_that_fails_half_way_leaves_the_runner_consistent(small_model,
     b = clean.step([(0, [7]), (1, [8])])
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y)
-    assert faulty.cache_length == clean.cache_length
+    assert faulty.kv_tokens == clean.kv_tokens and faulty.stats()["kv_bytes"] == clean.stats()["kv_bytes"]

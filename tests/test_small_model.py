@@ -57,20 +57,27 @@ def test_one_forward_per_step_and_resync(small_model, tokenizer):
     torch.testing.assert_close(z_with[1].float(), full_logits(small_model, w2 + [7, 8, 12]), atol=1e-4, rtol=1e-4)
 
 
-def test_cache_is_trimmed_when_requests_leave(small_model, tokenizer):
+def test_the_packed_cache_holds_the_sum_of_row_lengths_and_reuses_freed_blocks(small_model, tokenizer):
     runner = SmallModelRunner(small_model, tokenizer)
-    runner.add("long", *runner.encode_branches("a very long prompt " * 20, "ctx"))
-    runner.add("short", *runner.encode_branches("hi", "ctx"))
+    long = runner.encode_branches("a very long prompt " * 20, "ctx")
+    short = runner.encode_branches("hi", "ctx")
+    runner.add("long", *long)
+    runner.add("short", *short)
     runner.step([("long", []), ("short", [])])
-    long_len = runner.cache_length
+    assert runner.kv_tokens == sum(map(len, long + short))
+    runner.step([("long", [5]), ("short", [6])])
+    assert runner.kv_tokens == sum(map(len, long + short)) + 4
+    held = runner.stats()["kv_bytes"]
     runner.remove("long")
-    assert runner.cache_length < long_len
-    for i in range(200):
+    assert runner.kv_tokens == sum(map(len, short)) + 2
+    for i in range(50):  # churn: requests join and leave; freed blocks are reused, the pool does not grow
         runner.add(i, *runner.encode_branches(f"p{i}", "c"))
         runner.step([(i, [])])
         runner.remove(i)
     assert len(runner) == 1 and runner.cached_rows == 1
-    assert runner.cache_length < long_len
+    assert runner.stats()["kv_bytes"] == held
+    runner.remove("short")
+    assert runner.stats()["kv_bytes"] == 0 and runner.kv_tokens == 0  # idle: nothing held
 
 
 def test_splicer_positions(tokenizer, small_model):

@@ -115,6 +115,24 @@ def flush(llm):
 # engine tests
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.vllm
+def test_the_request_cache_salt_keys_the_small_models_context_cache(steer_llm, texts):
+    context = "I collect old sea maps and I love sailing in cold water. " * 3
+    before = stats(steer_llm)["context_cache"]
+
+    def run(i, salt, extra=None):
+        prompt = {"prompt": texts[i], **({"cache_salt": salt} if salt else {})}
+        steer_llm.generate([prompt], greedy(4, context=context, extra=extra or {}), use_tqdm=False)
+
+    run(0, "tenant-a")
+    run(1, "tenant-a")  # same context, same tenant: its prefix KV is reused
+    run(2, "tenant-b")  # another tenant: never shares tenant-a's entry
+    run(3, None, extra={"_costeer_cache_salt": "tenant-a"})  # a forged salt is overwritten by the frontend
+    after = stats(steer_llm)["context_cache"]
+    assert after["hits"] - before["hits"] == 1
+    assert after["misses"] - before["misses"] == 3 and after["entries"] - before["entries"] == 3
+
+
+@pytest.mark.vllm
 def test_mixed_batch_steers_only_requests_with_a_context(steer_llm, ref_llm, texts):
     reference = ids(ref_llm.generate(texts, greedy(), use_tqdm=False))
     params = [greedy(context=CONTEXTS[0]), greedy(), greedy(context=CONTEXTS[2]), greedy()]
@@ -210,7 +228,7 @@ def test_finished_requests_free_the_small_model(steer_llm, texts):
     flush(steer_llm)
     after = stats(steer_llm)
     assert after["requests"] == 0 and after["cached_rows"] == 0 and after["steered_handles"] == 0
-    assert after["cache_length"] == 0 and after["parked"] == 0
+    assert after["kv_tokens"] == 0 and after["parked"] == 0
     # batched: per engine step one decode forward plus at most one prefill forward per branch for
     # all new requests together, never one forward per request
     assert after["forwards"] - base["forwards"] <= 3 * (after["steps"] - base["steps"]) < 500
@@ -643,7 +661,7 @@ def frontend_cfg(tiny_pair_dirs, monkeypatch):
 
     monkeypatch.delenv("COSTEER_SMALL_MODEL", raising=False)
     seen = {"cfg": fake_vllm_config(tiny_pair_dirs[0], {"small_model": str(tiny_pair_dirs[1])}), "ids": None}
-    monkeypatch.setattr(frontend, "caller_engine_context", lambda: (seen["cfg"], seen["ids"]))
+    monkeypatch.setattr(frontend, "caller_engine_context", lambda: frontend.CallerContext(seen["cfg"], seen["ids"], None))
     return seen
 
 

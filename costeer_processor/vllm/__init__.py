@@ -79,10 +79,11 @@ def worker_stats(worker) -> list[dict]:
     """Small-model state of every CoSteer processor in one vLLM worker (for ``collective_rpc``).
 
     Returns one dict per processor: ``requests`` (registered in the runner), ``cached_rows``,
-    ``cache_length`` (KV columns), ``steered_handles``, ``parked`` (handles of requests that left
+    ``kv_tokens`` (tokens in the packed KV cache), ``steered_handles``, ``parked`` (handles of requests that left
     the batch but may come back), ``steps`` (applies that ran the small model), ``forwards``
-    (batched small-model forwards) and ``resumed`` (steered requests that re-joined the batch with
-    output already generated: preemption / resumption).
+    (batched small-model forwards), ``resumed`` (steered requests that re-joined the batch with
+    output already generated: preemption / resumption) and ``context_cache`` (its
+    :meth:`~costeer_processor.kv_cache.ContextCache.stats`).
     """
     runner_obj = getattr(worker, "model_runner", worker)
     procs = []
@@ -98,10 +99,10 @@ def worker_stats(worker) -> list[dict]:
     for p in procs:
         r = p.engine.runner
         handles = p._rows if isinstance(p, CoSteerLogitsProcessor) else p._slots
-        out.append({"requests": len(r), "cached_rows": r.cached_rows, "cache_length": r.cache_length,
+        out.append({"requests": len(r), "cached_rows": r.cached_rows, "kv_tokens": r.kv_tokens,
                     "steered_handles": len(handles), "parked": len(p.engine.parking),
                     "steps": p.engine.steps, "forwards": r.forward_count,
-                    "resumed": getattr(p, "resumed", 0)})
+                    "resumed": getattr(p, "resumed", 0), "context_cache": r.context_cache.stats()})
     return out
 
 

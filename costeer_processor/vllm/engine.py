@@ -55,7 +55,7 @@ from ..loading import CoSteerModelError, check_same_tokenizer, eos_token_ids, lo
 from ..prompts import PromptBridge
 from ..small_model import SmallModelRunner
 from ..vocab import VocabularyMap
-from .settings import EngineSettings, RequestArgs, costeer_items, parse_request_args, resolve_small_model, \
+from .settings import SALT_ARG, EngineSettings, RequestArgs, costeer_items, parse_request_args, resolve_small_model, \
     settings_from_vllm_config
 
 try:  # vLLM's logger tree, so messages show up formatted like the engine's own
@@ -96,6 +96,7 @@ class Handle:
     in_runner: bool = False
     seen: int = -1
     failed: Optional[str] = None  # why the request cannot be steered: it is ended at its next step
+    salt: Optional[str] = None  # the request's vLLM cache_salt (keys its context-cache entries)
 
     @property
     def params(self) -> Any:
@@ -324,7 +325,8 @@ class SteeringEngine:
             handle = Handle(args=None, params_ref=_ref(params))
             self.fail(handle, f"its CoSteer arguments were refused by the engine: {e}")
             return handle
-        handle = Handle(args=args, params_ref=_ref(params))
+        salt = extra.get(SALT_ARG)
+        handle = Handle(args=args, params_ref=_ref(params), salt=salt if isinstance(salt, str) else None)
         if prompt_ids is not None:
             self.set_prompt(handle, prompt_ids)
         return handle
@@ -438,7 +440,7 @@ class SteeringEngine:
             h = live[j][1]
             if not h.in_runner:
                 try:
-                    self.runner.add(h.key, *h.branches)
+                    self.runner.add(h.key, *h.branches, salt=h.salt)
                     h.in_runner = True
                 except _STEP_ERRORS as e:
                     self.fail(h, f"the small model could not admit it: {e}")

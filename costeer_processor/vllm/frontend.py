@@ -34,15 +34,17 @@ from __future__ import annotations
 
 import inspect
 import threading
-from typing import Any, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 from ..kv_cache import ContextCache
 from ..loading import CoSteerModelError, load_tokenizer
 from ..prompts import ContextBudget, ContextSplicer, PromptBridge
 from ..small_model import SmallModelRunner
-from .settings import EngineSettings, costeer_items, parse_request_args, resolve_small_model, settings_from_vllm_config
+from .settings import (SALT_ARG, EngineSettings, costeer_items, parse_request_args, resolve_small_model,
+                       settings_from_vllm_config)
 
-__all__ = ["BranchBuilder", "FrontendChecker", "caller_engine_context", "check_request", "checker_for",
+__all__ = ["BranchBuilder", "CallerContext", "FrontendChecker", "caller_engine_context", "carry_cache_salt",
+           "check_request", "checker_for",
            "validate_sampling_params"]
 
 _CANNOT = "CoSteer cannot check costeer_context here"
@@ -122,8 +124,15 @@ def checker_for(settings: EngineSettings, vllm_config: Any) -> FrontendChecker:
     return checker
 
 
-def caller_engine_context() -> tuple[Any, Optional[list[int]]]:
-    """(vllm_config, prompt token ids) of the vLLM frame validating this request; ``None`` for what is not visible.
+class CallerContext(NamedTuple):
+    vllm_config: Any
+    prompt_ids: Optional[list[int]]
+    cache_salt: Optional[str]
+
+
+def caller_engine_context() -> CallerContext:
+    """(vllm_config, prompt token ids, cache_salt) of the vLLM frame validating this request;
+    ``None`` for what is not visible.
 
     ``validate_params`` is a classmethod that receives only the SamplingParams; vLLM 0.32 calls it
     from ``InputProcessor._validate_params`` inside ``InputProcessor.process_inputs(request_id,
@@ -131,7 +140,7 @@ def caller_engine_context() -> tuple[Any, Optional[list[int]]]:
     the already tokenized prompt. When that layout changes, :func:`validate_sampling_params`
     checks what it still can, or refuses the request.
     """
-    cfg, prompt_ids = None, None
+    cfg, prompt_ids, salt = None, None, None
     frame = inspect.currentframe()
     try:
         frame = frame.f_back if frame is not None else None
@@ -149,6 +158,8 @@ def caller_engine_context() -> tuple[Any, Optional[list[int]]]:
                 ids = prompt.get("prompt_token_ids") if isinstance(prompt, dict) else None
                 if isinstance(ids, list) and all(isinstance(t, int) for t in ids[:4]):
                     prompt_ids = ids
+                    found = prompt.get("cache_salt")
+                    salt = found if isinstance(found, str) and found else None
             if cfg is not None and prompt_ids is not None:
                 break
             frame = frame.f_back
@@ -158,9 +169,9 @@ def caller_engine_context() -> tuple[Any, Optional[list[int]]]:
         try:
             from vllm.config import get_current_vllm_config_or_none
         except ImportError:  # another vLLM layout: the caller decides what can still be checked
-            return None, prompt_ids
+            return CallerContext(None, prompt_ids, salt)
         cfg = get_current_vllm_config_or_none()
-    return cfg, prompt_ids
+    return CallerContext(cfg, prompt_ids, salt)
 
 
 def validate_sampling_params(sampling_params: Any) -> None:
@@ -171,7 +182,23 @@ def validate_sampling_params(sampling_params: Any) -> None:
     """
     extra = getattr(sampling_params, "extra_args", None)
     if costeer_items(extra):
-        check_request(extra, *caller_engine_context())
+        caller = caller_engine_context()
+        check_request(extra, caller.vllm_config, caller.prompt_ids)
+        carry_cache_salt(extra, caller.cache_salt)
+
+
+def carry_cache_salt(extra_args: dict, salt: Optional[str]) -> None:
+    """Hands the request's ``cache_salt`` to the engine (its processors see only SamplingParams).
+
+    Written under :data:`~costeer_processor.vllm.settings.SALT_ARG` on every steered request (and
+    removed when it has none), so a client cannot set another value than its own ``cache_salt``.
+    vLLM validates the params before it copies them for the request, so prompts sharing one
+    SamplingParams object each carry their own salt.
+    """
+    if salt:
+        extra_args[SALT_ARG] = salt
+    else:
+        extra_args.pop(SALT_ARG, None)
 
 
 def check_request(extra_args: Any, vllm_config: Any, prompt_ids: Optional[Sequence[int]]) -> None:

@@ -54,6 +54,10 @@ ENV_PREFIX = "COSTEER_"
 _WHERE = "CoSteer engine settings"
 _SPLICE = inspect.signature(ContextSplicer).parameters  # the splicer's own defaults (position, separator)
 
+# Where the frontend hands a steered request's vLLM ``cache_salt`` to the engine (not a costeer_* argument:
+# the frontend owns it and overwrites whatever a client put there; it keys the small model's context cache).
+SALT_ARG = "_costeer_cache_salt"
+
 # Per-request arguments (flat, in SamplingParams.extra_args / vllm_xargs) -> kind.
 REQUEST_ARGS: dict[str, str] = {
     "costeer_context": "str",

@@ -1,0 +1,325 @@
+"""The small model's decode-time KV cache: every branch row packed into fixed-size blocks.
+
+CoSteer's small model keeps two rows per request (with and without the personal context) whose
+lengths differ by the context (a LongLaMP profile: ~2,000 tokens against ~50). A batch that
+shares one padded sequence axis holds and attends over ``rows x longest row``; here each row owns
+blocks of :data:`BLOCK` tokens in one pool per layer (``[blocks, kv_heads, BLOCK, head_dim]``),
+so memory and attention work follow the SUM of row lengths, and a request joins (its prefill
+written into free blocks) or leaves (its blocks freed) without copying anyone else's cache.
+
+A decode step is one ``[rows, 1]`` forward of the model with :func:`packed_attention` as its
+attention function (transformers' ``AttentionInterface``, selected only for that forward): each
+pool block is scored against its owner row's query in ONE batched matmul over the blocks
+(nothing is gathered from the cache), and the softmax is combined across each row's blocks
+as in flash-decoding (per-row max, then sums, with ``index_add``). The order of a row's
+blocks does not matter: positions live in the keys (RoPE) and in :attr:`PackedRows.block_start`
+(for sliding-window layers). Scores are formed in the pool's dtype and normalised in float32,
+like transformers' eager attention.
+
+Prefill is not done here: new rows are prefilled with the model's own attention into an ordinary
+``DynamicCache`` and then written into blocks with :meth:`PackedRows.add`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from transformers import AttentionInterface, PretrainedConfig
+
+__all__ = ["BLOCK", "ATTENTION", "PackedRows", "PackedKV", "packed_attention", "check_supported"]
+
+BLOCK = 32  # tokens per block: wasted columns per row average BLOCK / 2
+ATTENTION = "costeer_packed"
+_SUPPORTED_LAYERS = {"full_attention", "sliding_attention"}
+
+
+def check_supported(config: PretrainedConfig) -> None:
+    """Refuses models whose attention the packed cache cannot run (clear error, at load time)."""
+    kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
+    if not kinds <= _SUPPORTED_LAYERS:
+        raise ValueError(f"the small model ({config.model_type}) has {sorted(kinds - _SUPPORTED_LAYERS)} layers; "
+                         "CoSteer's small-model runner supports full and sliding-window attention models")
+    for name in ("attn_logit_softcapping", "attention_sink"):
+        if getattr(config, name, None):
+            raise ValueError(f"the small model ({config.model_type}) uses {name}, which the packed "
+                             "decode attention does not implement")
+
+
+class _Step:
+    """One decode forward's block map, shared by all layers: which step row owns each block, and
+    which of its columns hold keys (plus, per sliding window, the columns still inside it)."""
+
+    def __init__(self, row_of_block: torch.Tensor, filled: torch.Tensor, key_pos: torch.Tensor,
+                 query_pos: torch.Tensor, rows: int):
+        self.row_of_block, self.rows = row_of_block, rows
+        self._filled, self._key_pos, self._query_pos = filled, key_pos, query_pos
+        self._invalid: dict[Optional[int], torch.Tensor] = {}
+
+    def invalid(self, window: Optional[int]) -> torch.Tensor:
+        """``[blocks, BLOCK]`` True where a column must not be attended (empty, or outside ``window``)."""
+        if window not in self._invalid:
+            bad = ~self._filled
+            if window is not None:
+                q = torch.cat([self._query_pos, self._query_pos.new_zeros(1)])[self.row_of_block]
+                bad = bad | (self._key_pos <= q[:, None] - window)
+            self._invalid[window] = bad
+        return self._invalid[window]
+
+
+class PackedKV:
+    """What a layer's cache update hands to :func:`packed_attention`: its pool and the step's block map."""
+
+    __slots__ = ("pool", "step")
+
+    def __init__(self, pool: torch.Tensor, step: _Step):
+        self.pool, self.step = pool, step
+
+
+def packed_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
+                     sliding_window=None, **kwargs):
+    """One query token per row against that row's blocks (``query``: ``[rows, heads, 1, head_dim]``).
+
+    Returns ``([rows, 1, heads, head_dim], None)`` like transformers' attention functions.
+    """
+    if not isinstance(key, PackedKV) or query.shape[2] != 1:
+        raise TypeError("packed_attention runs only inside PackedRows.decode (one token per row)")
+    step = key.step
+    rows, heads, _, dim = query.shape
+    kv_heads = key.pool.shape[1]
+    groups = heads // kv_heads
+    scaling = dim ** -0.5 if scaling is None else scaling
+    index = step.row_of_block  # [blocks]; rows of other requests point at a dummy row (= rows)
+    q = query.reshape(rows, kv_heads, groups, dim)
+    q = torch.cat([q, q.new_zeros(1, kv_heads, groups, dim)])[index]  # [blocks, kv, g, D]
+    scores = torch.matmul(q, key.pool.transpose(-1, -2)).float().mul_(scaling)  # [blocks, kv, g, B]
+    scores.masked_fill_(step.invalid(sliding_window)[:, None, None, :], -math.inf)
+    expand = index[:, None, None].expand(-1, kv_heads, groups)
+    top = scores.new_full((rows + 1, kv_heads, groups), -math.inf)
+    top.scatter_reduce_(0, expand, scores.amax(-1), "amax")
+    top.masked_fill_(top == -math.inf, 0.0)  # blocks with nothing to attend add exp(-inf) = 0
+    weights = scores.sub_(top[index][..., None]).exp_()
+    total = scores.new_zeros((rows + 1, kv_heads, groups)).index_add_(0, index, weights.sum(-1))
+    partial = torch.matmul(weights.to(value.pool.dtype), value.pool)  # [blocks, kv, g, D]
+    out = partial.new_zeros((rows + 1, kv_heads, groups, dim), dtype=torch.float32)
+    out.index_add_(0, index, partial.float())
+    out = out[:rows] / total[:rows, ..., None]
+    return out.to(query.dtype).reshape(rows, 1, heads, dim), None
+
+
+AttentionInterface.register(ATTENTION, packed_attention)
+
+
+class _StepCache:
+    """The ``past_key_values`` of a decode forward: writes each layer's new column, returns its pool."""
+
+    def __init__(self, store: "PackedRows", step: _Step, blocks: torch.Tensor, offsets: torch.Tensor, used: int):
+        self.store, self.step, self.blocks, self.offsets, self.used = store, step, blocks, offsets, used
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        keys, values = self.store.keys[layer_idx], self.store.values[layer_idx]
+        keys[self.blocks, :, self.offsets] = key_states[:, :, -1]
+        values[self.blocks, :, self.offsets] = value_states[:, :, -1]
+        return PackedKV(keys[:self.used], self.step), PackedKV(values[:self.used], self.step)
+
+
+class PackedRows:
+    """Rows of KV in blocks of ``block`` tokens: add prefilled rows, drop rows, decode one token per row.
+
+    Rows are stable integer ids (from :meth:`add`), so dropping one renumbers nothing. Pools grow
+    by 1/16 when full (an amortised copy); freed blocks are reused lowest-first, so the blocks in use
+    stay at the front of the pool and a step only scores ``[:high-water]``.
+
+    Example::
+
+        >>> from costeer_processor.testing import build_tiny_model, build_tiny_tokenizer
+        >>> from transformers import DynamicCache
+        >>> tok = build_tiny_tokenizer(); model = build_tiny_model(tok)
+        >>> ids = torch.tensor([[5, 6, 7, 8]]); cache = DynamicCache()
+        >>> _ = model(input_ids=ids, past_key_values=cache)
+        >>> store = PackedRows(model.config, torch.float32, torch.device("cpu"), block=2)
+        >>> rows = store.add(cache, torch.ones(1, 4, dtype=torch.long))
+        >>> logits = store.decode(model, torch.tensor(rows), torch.tensor([9]))
+        >>> full = model(input_ids=torch.tensor([[5, 6, 7, 8, 9]])).logits[:, -1]
+        >>> bool(torch.allclose(logits, full, atol=1e-5)), store.tokens(), store.blocks_in_use()
+        (True, 5, 3)
+    """
+
+    def __init__(self, config: PretrainedConfig, dtype: torch.dtype, device: torch.device, *, block: int = BLOCK):
+        check_supported(config)
+        self.config, self.block, self.dtype, self.device = config, block, dtype, device
+        self.layer_types = list(getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers)
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.keys: list[torch.Tensor] = []  # per layer [blocks, kv_heads, block, head_dim]
+        self.values: list[torch.Tensor] = []
+        self.owner: torch.Tensor  # [blocks] row id, -1 = free
+        self.fill: torch.Tensor  # [blocks] columns holding keys
+        self.block_start: torch.Tensor  # [blocks] position of column 0
+        self.tail: torch.Tensor  # [row ids] the block the row's next token goes to
+        self.length: torch.Tensor  # [row ids] tokens so far (the next position id)
+        self._free_rows: list[int]
+        self._live_rows: set[int]
+        self._used: int  # high-water mark of blocks in use
+        self._reset()
+
+    # ------------------------------------------------------------------ figures
+    def tokens(self) -> int:
+        """Tokens held (the sum of the live rows' lengths)."""
+        return int(self.fill.sum())
+
+    def blocks_in_use(self) -> int:
+        return int((self.owner >= 0).sum())
+
+    def nbytes(self) -> int:
+        """Bytes of the pools (every allocated block, free ones included)."""
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+    def bytes_per_token(self) -> int:
+        return 2 * len(self.layer_types) * self.kv_heads * self.head_dim * torch.empty(0, dtype=self.dtype).element_size()
+
+    def __len__(self) -> int:
+        return len(self._live_rows)
+
+    # ------------------------------------------------------------------ allocation
+    def _grow_blocks(self, need: int) -> None:
+        old = self.owner.numel()
+        if need <= old:
+            return
+        cap = need + max(4, need // 16)
+        shape = (cap, self.kv_heads, self.block, self.head_dim)
+        for pools in (self.keys, self.values):
+            for i in range(len(self.layer_types)):
+                new = torch.zeros(shape, dtype=self.dtype, device=self.device)  # never NaN: 0 x NaN = NaN
+                if old:
+                    new[:old] = pools[i]
+                if i < len(pools):
+                    pools[i] = new
+                else:
+                    pools.append(new)
+        pad = lambda t, v: torch.cat([t, t.new_full((cap - old,), v)])  # noqa: E731
+        self.owner, self.fill, self.block_start = pad(self.owner, -1), pad(self.fill, 0), pad(self.block_start, 0)
+
+    def _take_blocks(self, n: int) -> torch.Tensor:
+        """``n`` free block ids, lowest first (the pool grows if needed)."""
+        free = (self.owner < 0).nonzero()[:, 0]
+        if free.numel() < n:
+            self._grow_blocks(self.owner.numel() + n - free.numel())
+            free = (self.owner < 0).nonzero()[:, 0]
+        taken = free[:n]
+        if n:
+            self._used = max(self._used, int(taken[-1]) + 1)
+        return taken
+
+    def _take_rows(self, n: int) -> list[int]:
+        rows = []
+        while self._free_rows and len(rows) < n:
+            rows.append(self._free_rows.pop())
+        start = self.tail.numel()
+        extra = n - len(rows)
+        if extra:
+            rows += list(range(start, start + extra))
+            self.tail = torch.cat([self.tail, self.tail.new_full((extra,), -1)])
+            self.length = torch.cat([self.length, self.length.new_zeros(extra)])
+        self._live_rows.update(rows)
+        return rows
+
+    # ------------------------------------------------------------------ rows in and out
+    @torch.inference_mode()
+    def add(self, cache, mask: torch.Tensor) -> list[int]:
+        """Writes prefilled rows into blocks and returns their row ids.
+
+        ``cache``: a transformers cache of full-attention layers (``[m, kv_heads, W, head_dim]`` each);
+        ``mask``: ``[m, W]``, 1 where a column holds one of the row's tokens (holes allowed), in order.
+        """
+        mask = mask.to(self.device).bool()
+        m = mask.shape[0]
+        lengths = mask.sum(-1)
+        if bool((lengths == 0).any()):
+            raise ValueError("every packed row needs at least one token")
+        per_row = (lengths + self.block - 1) // self.block
+        blocks = self._take_blocks(int(per_row.sum()))
+        rows = self._take_rows(m)
+        row_ids = torch.tensor(rows, dtype=torch.long, device=self.device)
+        first = torch.cumsum(per_row, 0) - per_row  # index into `blocks` of each row's first block
+        src_row, src_col = mask.nonzero(as_tuple=True)  # row-major: each row's tokens in order
+        rank = torch.arange(src_row.numel(), device=self.device) - (torch.cumsum(lengths, 0) - lengths)[src_row]
+        dst_block = blocks[first[src_row] + rank // self.block]
+        dst_col = rank % self.block
+        for i, layer in enumerate(cache.layers):
+            self.keys[i][dst_block, :, dst_col] = layer.keys[src_row, :, src_col].to(self.dtype)
+            self.values[i][dst_block, :, dst_col] = layer.values[src_row, :, src_col].to(self.dtype)
+        owner_rows = torch.repeat_interleave(row_ids, per_row)
+        nth = torch.arange(blocks.numel(), device=self.device) - torch.repeat_interleave(first, per_row)
+        self.owner[blocks] = owner_rows
+        self.block_start[blocks] = nth * self.block
+        self.fill[blocks] = torch.clamp(torch.repeat_interleave(lengths, per_row) - nth * self.block, max=self.block)
+        self.tail[row_ids] = blocks[first + per_row - 1]
+        self.length[row_ids] = lengths
+        return rows
+
+    @torch.inference_mode()
+    def drop(self, rows) -> None:
+        """Frees the rows' blocks (no other row moves)."""
+        rows = [r for r in rows if r in self._live_rows]
+        if not rows:
+            return
+        ids = torch.tensor(rows, dtype=torch.long, device=self.device)
+        freed = torch.isin(self.owner, ids)
+        self.owner[freed], self.fill[freed] = -1, 0
+        self.tail[ids], self.length[ids] = -1, 0
+        self._live_rows.difference_update(rows)
+        self._free_rows.extend(rows)
+        if not self._live_rows:  # idle: hold no KV memory at all
+            self._reset()
+            return
+        live = (self.owner[:self._used] >= 0).nonzero()
+        self._used = int(live[-1]) + 1 if live.numel() else 0
+
+    def clear(self) -> None:
+        self.drop(list(self._live_rows))
+
+    def _reset(self) -> None:
+        empty = torch.empty(0, dtype=torch.long, device=self.device)
+        self.keys, self.values = [], []
+        self.owner = self.fill = self.block_start = self.tail = self.length = empty
+        self._free_rows, self._live_rows, self._used = [], set(), 0
+
+    # ------------------------------------------------------------------ the step
+    @torch.inference_mode()
+    def decode(self, model, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """One forward of ``model`` feeding ``ids[i]`` to row ``rows[i]``; returns ``[len(rows), V]`` logits.
+
+        A forward that raises leaves every row as it was (nothing counts until it returns).
+        """
+        full = self.fill[self.tail[rows]] >= self.block
+        if bool(full.any()):
+            grown = rows[full]
+            fresh = self._take_blocks(grown.numel())
+            self.owner[fresh], self.fill[fresh], self.block_start[fresh] = grown, 0, self.length[grown]
+            self.tail[grown] = fresh
+        blocks = self.tail[rows]
+        offsets = self.fill[blocks]
+        used = self._used
+        fill = self.fill.clone()
+        fill[blocks] += 1
+        lookup = torch.full((self.tail.numel() + 1,), rows.numel(), dtype=torch.long, device=self.device)
+        lookup[rows] = torch.arange(rows.numel(), device=self.device)
+        columns = torch.arange(self.block, device=self.device)
+        positions = self.length[rows]
+        step = _Step(lookup[self.owner[:used]], columns < fill[:used, None],
+                     self.block_start[:used, None] + columns, positions, rows.numel())
+        config = model.config
+        previous = config._attn_implementation
+        config._attn_implementation = ATTENTION
+        try:
+            out = model(input_ids=ids[:, None], position_ids=positions[:, None],
+                        attention_mask={kind: None for kind in set(self.layer_types)},
+                        past_key_values=_StepCache(self, step, blocks, offsets, used), use_cache=True,
+                        logits_to_keep=1)
+        finally:
+            config._attn_implementation = previous
+        self.fill = fill
+        self.length[rows] += 1
+        return out.logits[:, -1, :]
