@@ -38,7 +38,7 @@ from costeer_processor import CoSteerConfig, SmallModelRunner, ftrl_reference  #
 from costeer_processor.hf import CoSteerLogitsProcessor  # noqa: E402
 from costeer_processor.prompts import with_system_prompt  # noqa: E402
 
-from benchmarks.workload import CONTEXTS, PROMPTS, long_context  # noqa: E402
+from benchmarks.workload import CONTEXTS, PROMPTS, REVISIONS, legacy_runner_class, long_context  # noqa: E402
 
 
 
@@ -103,9 +103,11 @@ def research_loop(large, small, tok, prompt, context, n, cfg):
         feed = [tok_id, tok_id, tok_id]
 
 
-def bench(large, tok, small, batch_sizes, n, repeats, loop_rows, context_tokens=0):
+def bench(large, tok, small, batch_sizes, n, repeats, loop_rows, context_tokens=0, compare=None):
+    """``compare``: an earlier runner class; steered generation is then also timed with it (same run)."""
     cfg = CoSteerConfig()
     runner = SmallModelRunner(small, tok)
+    other = compare(small, tok) if compare is not None else None
     results = []
     for b in batch_sizes:
         prompts, contexts = rows(b, tok, context_tokens)
@@ -114,6 +116,10 @@ def bench(large, tok, small, batch_sizes, n, repeats, loop_rows, context_tokens=
         t_plain = timed(lambda: large.generate(**inputs, **gen), repeats)
         proc = CoSteerLogitsProcessor(runner, contexts, cfg)  # reads each row's prompt from input_ids
         t_steer = timed(lambda: large.generate(**inputs, logits_processor=LogitsProcessorList([proc]), **gen), repeats)
+        if other is not None:
+            before = CoSteerLogitsProcessor(other, contexts, cfg)
+            t_before = timed(lambda: large.generate(**inputs, logits_processor=LogitsProcessorList([before]), **gen),
+                             repeats)
 
         def small_only():
             for i, (p, c) in enumerate(zip(prompts, contexts)):
@@ -133,6 +139,9 @@ def bench(large, tok, small, batch_sizes, n, repeats, loop_rows, context_tokens=
                    steered_step_ms=1e3 * t_steer / n)
         row["overhead"] = row["steered_step_ms"] / (row["plain_step_ms"] + row["small_step_ms"])
         row["steered_vs_plain"] = row["steered_tok_s"] / row["plain_tok_s"]
+        if other is not None:
+            row["earlier_runner_steered_step_ms"] = 1e3 * t_before / n
+            row["earlier_runner_steered_vs_plain"] = t_plain / t_before
         if loop_rows and b in loop_rows:
             t_loop = timed(lambda: [research_loop(large, small, tok, p, c, n, cfg) for p, c in zip(prompts, contexts)], 1)
             row["loop_tok_s"] = b * n / t_loop
@@ -143,12 +152,17 @@ def bench(large, tok, small, batch_sizes, n, repeats, loop_rows, context_tokens=
 
 
 def table(results):
-    lines = ["| batch | plain tok/s | steered tok/s | steered/plain | plain step ms | small step ms (2B rows) | steered step ms | overhead | per-row loop tok/s | speed-up vs loop |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    earlier = any("earlier_runner_steered_step_ms" in r for r in results)
+    lines = ["| batch | plain tok/s | steered tok/s | steered/plain | plain step ms | small step ms (2B rows) | steered step ms | overhead | per-row loop tok/s | speed-up vs loop |"
+             + (" steered step ms, earlier runner | steered/plain, earlier runner |" if earlier else ""),
+             "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if earlier else "")]
     for r in results:
-        lines.append(f"| {r['batch']} | {r['plain_tok_s']:.1f} | {r['steered_tok_s']:.1f} | {r['steered_vs_plain']:.2f} | "
-                     f"{r['plain_step_ms']:.1f} | {r['small_step_ms']:.1f} | {r['steered_step_ms']:.1f} | {r['overhead']:.2f} | "
-                     f"{r.get('loop_tok_s', float('nan')):.2f} | {r.get('speedup_vs_loop', float('nan')):.1f}x |")
+        line = (f"| {r['batch']} | {r['plain_tok_s']:.1f} | {r['steered_tok_s']:.1f} | {r['steered_vs_plain']:.2f} | "
+                f"{r['plain_step_ms']:.1f} | {r['small_step_ms']:.1f} | {r['steered_step_ms']:.1f} | {r['overhead']:.2f} | "
+                f"{r.get('loop_tok_s', float('nan')):.2f} | {r.get('speedup_vs_loop', float('nan')):.1f}x |")
+        if earlier:
+            line += f" {r['earlier_runner_steered_step_ms']:.1f} | {r['earlier_runner_steered_vs_plain']:.2f} |"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -165,6 +179,9 @@ def main():
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--context-tokens", type=int, default=0,
                     help="personal contexts of about this many tokens (LongLaMP profiles: 1,000-3,000); 0: short")
+    ap.add_argument("--compare-runner", choices=sorted(REVISIONS), default=None,
+                    help="also time steered generation with an earlier small-model runner read from git "
+                         "(padded: the layout before the packed KV cache)")
     ap.add_argument("--tag", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -177,8 +194,11 @@ def main():
         tag = args.tag or "real"
     large.generate(**large_inputs(tok, ["warm up"]), max_new_tokens=2)  # first-call costs out of the timings
     loop_rows = args.batch_sizes if args.loop_batches is None else args.loop_batches
+    compare = None
+    if args.compare_runner:  # the processor accepts SmallModelRunner instances; the earlier class's methods come first
+        compare = type("EarlierRunner", (legacy_runner_class(REVISIONS[args.compare_runner]), SmallModelRunner), {})
     results = bench(large, tok, small, args.batch_sizes, args.new_tokens, args.repeats, loop_rows,
-                    args.context_tokens)
+                    args.context_tokens, compare)
     md = table(results)
     print(md)
     out = Path(__file__).parent / "results"

@@ -25,14 +25,11 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -44,6 +41,8 @@ sys.path.insert(0, str(ROOT))
 from costeer_processor import SmallModelRunner  # noqa: E402
 from costeer_processor.testing import build_tiny_tokenizer  # noqa: E402
 
+from benchmarks.workload import REVISIONS, legacy_runner_class  # noqa: E402
+
 SHAPES = {
     "qwen0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                      num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
@@ -51,30 +50,6 @@ SHAPES = {
                  num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True),
 }
 WORDS = "I am vegan and I love very spicy food. I hate crowds and love mountains and science fiction.".split()
-REVISIONS = {"first": "f005533", "padded": "0b03b48"}
-
-
-def _load_source(name: str, source: str):
-    path = Path(tempfile.mkdtemp()) / f"{name}.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-def legacy_runner_class(rev: str, baseline_file: str = None):
-    """``SmallModelRunner`` of an earlier commit (its own ``kv_cache`` too; other imports from today)."""
-    def show(path):
-        return subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{path}"], check=True, capture_output=True,
-                              text=True).stdout
-    source = Path(baseline_file).read_text() if baseline_file else show("costeer_processor/small_model.py")
-    if "from .kv_cache import" in source:
-        _load_source(f"legacy_kv_cache_{rev}", show("costeer_processor/kv_cache.py"))
-        source = source.replace("from .kv_cache import", f"from legacy_kv_cache_{rev} import")
-    source = source.replace("from .", "from costeer_processor.")
-    return _load_source(f"legacy_small_model_{rev}", source).SmallModelRunner
 
 
 def context_of(n_tokens: int, tok, seed: int) -> str:

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Hashable, Iterable, Optional, Sequence, Union
+from typing import Hashable, Iterable, Optional, Sequence
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
+from .core.config import check_range, number
 from .kv_cache import ContextCache
 from .packed_kv import PackedRows
 from .prompts import ContextBudget, ContextSplicer, ContextTooLongError, PromptLike  # noqa: F401 (re-exported)
@@ -99,9 +100,8 @@ class SmallModelRunner:
         max_context_tokens: Optional[int] = None,
         context_cache_mb: float = 256,
     ):
-        if isinstance(context_cache_mb, bool) or not isinstance(context_cache_mb, (int, float)) or not (
-                0 <= context_cache_mb < float("inf")):
-            raise ValueError(f"context_cache_mb must be a number >= 0, got {context_cache_mb!r}")
+        context_cache_mb = number("context_cache_mb", context_cache_mb)
+        check_range("context_cache_mb", context_cache_mb, 0)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.splicer = ContextSplicer(tokenizer, context_position, context_separator)

@@ -643,6 +643,17 @@ def test_booleans_are_refused_for_numeric_engine_settings(key):
         EngineSettings(**{key: True})
 
 
+def test_the_context_cache_size_is_an_engine_setting():
+    from costeer_processor.vllm import EngineSettings
+
+    assert EngineSettings().context_cache_mb == 256 and EngineSettings(context_cache_mb=0).context_cache_mb == 0
+    with pytest.raises(ValueError, match="context_cache_mb must be a number, got bool"):
+        EngineSettings(context_cache_mb=True)
+    with pytest.raises(ValueError, match=r"context_cache_mb must be in \[0, inf\]"):
+        EngineSettings(context_cache_mb=-1)
+    assert EngineSettings.from_sources({}, environ={"COSTEER_CONTEXT_CACHE_MB": "0"}).context_cache_mb == 0
+
+
 def test_defaults_are_the_cores():
     from costeer_processor.core import CoSteerConfig, Variants
     from costeer_processor.vllm import EngineSettings

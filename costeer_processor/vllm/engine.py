@@ -288,7 +288,8 @@ class SteeringEngine:
                              f"{len(small_tok)} tokens")
         runner = SmallModelRunner(model, small_tok, context_position=settings.context_position,
                                   context_separator=settings.context_separator,
-                                  max_context_tokens=settings.max_context_tokens)
+                                  max_context_tokens=settings.max_context_tokens,
+                                  context_cache_mb=settings.context_cache_mb)
         eos = eos_token_ids(large_tok, mc.try_get_generation_config())
         logger.info("CoSteer: small model %s (%s, %s, %d params), default gain %.6g, context %s, "
                     "max %d context tokens", path, dtype, dev, sum(p.numel() for p in model.parameters()),

@@ -101,6 +101,8 @@ class EngineSettings:
             small model's window (:class:`~costeer_processor.prompts.ContextBudget`).
         context_position: ``"before"`` or ``"after"`` the user's text in the last user turn.
         context_separator: text between context and user text.
+        context_cache_mb: memory cap of the small model's reusable context-prefix cache
+            (:class:`~costeer_processor.kv_cache.ContextCache`), default 256; ``0`` switches it off.
         gate_threshold, gate_patience, eos_guard: AdaCoSteer gating and the EOS guard (see
             :class:`~costeer_processor.core.Variants`; ``0`` switches gating / the guard off).
         vocab_map: ``"auto"`` (default): when the small model's tokenizer differs from the large
@@ -125,6 +127,7 @@ class EngineSettings:
     max_context_tokens: Optional[int] = None
     context_position: str = _SPLICE["position"].default
     context_separator: str = _SPLICE["separator"].default
+    context_cache_mb: float = 256
     gate_threshold: Optional[float] = Variants.gate_threshold
     gate_patience: int = Variants.gate_patience
     eos_guard: Optional[float] = Variants.eos_guard
@@ -147,6 +150,8 @@ class EngineSettings:
                 if value is not None:
                     set_(self, name, number(name, value, integer=True))
                     check_range(name, getattr(self, name), 1)
+            set_(self, "context_cache_mb", number("context_cache_mb", self.context_cache_mb))
+            check_range("context_cache_mb", self.context_cache_mb, 0)
             config = CoSteerConfig(**{k: getattr(self, k) for k in (*_HYPER, "strength")})
             variants = Variants.parse(self.gate_threshold, self.gate_patience, self.eos_guard)
         except ValueError as e:
@@ -217,7 +222,7 @@ class EngineSettings:
 ENGINE_KEYS: tuple[str, ...] = tuple(f.name for f in fields(EngineSettings))
 _ENV_KINDS = {"threads": int, "T": int, "alpha": float, "beta": float, "lam": float, "eta": float,
               "strength": float, "max_context_tokens": int, "gate_threshold": float, "gate_patience": int,
-              "eos_guard": float}
+              "eos_guard": float, "context_cache_mb": float}
 
 
 def _from_env(key: str, raw: str) -> Any:
