@@ -67,9 +67,10 @@ def wait_healthy(base_url: str, proc: Optional[subprocess.Popen] = None, timeout
 
 @contextlib.contextmanager
 def vllm_server(model: str, args: Sequence[str] = (), *, port: Optional[int] = None, env: Optional[dict] = None,
-                timeout: float = 300.0, log_path: Optional[os.PathLike] = None) -> Iterator[str]:
+                timeout: float = 900.0, log_path: Optional[os.PathLike] = None) -> Iterator[str]:
     """Runs ``vllm serve MODEL ARGS`` on 127.0.0.1 and yields its base URL (``http://127.0.0.1:PORT``).
 
+    ``timeout``: seconds to wait for /health (a cold start compiles the model: minutes on a small CPU).
     The server's output goes to ``log_path`` (a temporary file by default). The process group
     is terminated on exit, whatever happened inside the block.
     """
