@@ -270,7 +270,12 @@ class SmallModelRunner:
         for key, req in zip(keys, reqs):
             req.fed = list(generated[key])
         parts = [self._prefill_with_context(reqs), self._prefill_rows([r.ids_without + r.fed for r in reqs])]
-        added = [self._store.add(cache, mask) for cache, mask, _ in parts]  # a failure above leaves no rows
+        added = [self._store.add(*parts[0][:2])]  # a failed forward above leaves no rows
+        try:
+            added.append(self._store.add(*parts[1][:2]))
+        except BaseException:  # nor does a failed write: the with-context rows go again
+            self._store.drop(added[0])
+            raise
         rows = torch.tensor(added, device=self.device)  # [2, n]
         self._grow_last(int(rows.max()) + 1, parts[0][2].dtype)
         for branch, (_, _, logits) in enumerate(parts):
