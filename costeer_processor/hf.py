@@ -8,10 +8,11 @@ from typing import Optional, Sequence
 import torch
 from transformers import LogitsProcessor
 
-from .core import CoSteerConfig, Variants, force_eos, steer, update_confidence_streak
+from .core import CoSteerConfig, Variants
 from .loading import eos_token_ids
-from .prompts import PromptBridge, PromptLike, strip_left_padding
+from .prompts import PromptLike, strip_left_padding
 from .small_model import SmallModelRunner, check_rows
+from .steering import Steerer
 from .vocab import VocabularyMap
 
 
@@ -34,17 +35,17 @@ class CoSteerLogitsProcessor(LogitsProcessor):
             instead; they are rendered with its chat template, nothing added.
         eos_token_id: id(s) that end a row; finished rows stop costing small-model compute.
             Default: :func:`costeer_processor.loading.eos_token_ids` of the large tokenizer.
-        gate_threshold, gate_patience: AdaCoSteer confidence gating (see
-            :class:`~costeer_processor.core.Variants`). When set, a row whose large model had
-            ``1 - max p < gate_threshold`` for ``gate_patience`` consecutive steps is left
-            unsteered for the rest of the call and its small-model rows are freed.
-        eos_guard: if set (e.g. 0.5), a row stops as soon as the large model's EOS probability
-            exceeds it, so steering cannot stretch answers.
+        variants: :class:`~costeer_processor.core.Variants`: AdaCoSteer gating (a row gated off is
+            left unsteered for the rest of the call and its small-model rows are freed), the EOS
+            guard, the style options and the context n-gram guard; all off by default.
         vocab_map: a :class:`~costeer_processor.vocab.VocabularyMap` when the large and small
             tokenizers differ: steering runs on their common tokens and generated ids are mapped
             to the small vocabulary. ``None`` (default) requires one shared tokenizer.
         large_tokenizer: the large model's tokenizer; needed with ``vocab_map`` (to read the
             prompts from ``input_ids``); default: the runner's tokenizer.
+        cache_salt: keys this processor's entries in the runner's context cache: processors with
+            other salts (other tenants) never share cached context KV, so cache timing cannot tell
+            one tenant that another used the same context. ``None``: the unsalted pool.
 
     Example (a tiny random pair; real models work the same)::
 
@@ -67,8 +68,10 @@ class CoSteerLogitsProcessor(LogitsProcessor):
         (2, [4, 4])
 
     After a call, ``live_steps`` / ``steered_steps`` hold, per row, the steps the row was still
-    generating and the steps it was steered (they differ under gating); :meth:`release` frees the
-    small-model rows at once.
+    generating and the steps it was steered (they differ under gating); :meth:`failures` says which
+    rows were ended because the small model failed for them (one row's failure ends that row only:
+    it gets end-of-sequence, the others go on); :meth:`release` frees the small-model rows at once.
+    The per-step work is :class:`~costeer_processor.steering.Steerer`'s, shared with every adapter.
 
     Reuse: the processor may be passed to several ``generate`` calls; a new call is detected from
     ``input_ids`` and the small-model state starts over. For other contexts make a new processor
@@ -85,13 +88,12 @@ class CoSteerLogitsProcessor(LogitsProcessor):
         contexts: Sequence[str],
         config: CoSteerConfig = CoSteerConfig(),
         *,
+        variants: Variants = Variants(),
         prompts: Optional[Sequence[PromptLike]] = None,
         eos_token_id: Optional[int | Sequence[int]] = None,
-        gate_threshold: Optional[float] = None,
-        gate_patience: int = Variants.gate_patience,
-        eos_guard: Optional[float] = None,
         vocab_map: Optional[VocabularyMap] = None,
         large_tokenizer=None,
+        cache_salt: Optional[str] = None,
     ):
         if not isinstance(runner, SmallModelRunner):
             raise TypeError(f"runner must be a SmallModelRunner, got {type(runner).__name__}")
@@ -99,35 +101,25 @@ class CoSteerLogitsProcessor(LogitsProcessor):
             hint = (" (the signature is (runner, contexts, config, *, prompts=None, ...): pass prompts by keyword"
                     " or leave them out)" if isinstance(config, (list, tuple)) else "")
             raise TypeError(f"config must be a CoSteerConfig, got {type(config).__name__}{hint}")
-        self.variants = Variants(gate_threshold, gate_patience, eos_guard)
+        if not isinstance(variants, Variants):
+            raise TypeError(f"variants must be a Variants, got {type(variants).__name__}")
         if vocab_map is not None and not isinstance(vocab_map, VocabularyMap):
             raise TypeError(f"vocab_map must be a VocabularyMap, got {type(vocab_map).__name__}")
         if vocab_map is not None and large_tokenizer is None and prompts is None:
             raise ValueError("with a vocab_map, pass large_tokenizer= so the prompts can be read from input_ids")
-        self.runner = runner
-        self.config = config
+        if cache_salt is not None and not isinstance(cache_salt, str):
+            raise TypeError(f"cache_salt must be a string, got {type(cache_salt).__name__}")
+        self.runner, self.config, self.variants, self.cache_salt = runner, config, variants, cache_salt
         self.gain = config.gain
         self.vocab_map = vocab_map
         self.large_tokenizer = large_tokenizer if large_tokenizer is not None else runner.tokenizer
-        self.bridge = PromptBridge(self.large_tokenizer, runner.splicer, translate=vocab_map is not None)
         if eos_token_id is None:
             eos_token_id = eos_token_ids(self.large_tokenizer)
         self.eos_token_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
-        self._keys: list[tuple[int, int]] = []
+        self.steerer = Steerer(runner, self.large_tokenizer, self.eos_token_ids, vocab_map=vocab_map)
+        self._slots: list[int] = []
         self.reset(contexts, prompts)
-        weakref.finalize(self, _forget, runner, self._keys)
-
-    @property
-    def gate_threshold(self) -> Optional[float]:
-        return self.variants.gate_threshold
-
-    @property
-    def gate_patience(self) -> int:
-        return self.variants.gate_patience
-
-    @property
-    def eos_guard(self) -> Optional[float]:
-        return self.variants.eos_guard
+        weakref.finalize(self, _release, self.steerer, self._slots)
 
     def reset(self, contexts: Sequence[str], prompts: Optional[Sequence[PromptLike]] = None) -> None:
         """Sets new contexts (and optionally prompts), one per row, and drops any small-model state."""
@@ -138,28 +130,35 @@ class CoSteerLogitsProcessor(LogitsProcessor):
         # With prompts given, encoding validates every row now; otherwise at the first call.
         self._branches = (None if prompts is None else
                           [self.runner.encode_branches(p, c) for p, c in zip(prompts, contexts)])
-        _forget(self.runner, self._keys)
-        self._keys[:] = [(id(self), i) for i in range(len(contexts))]
+        _release(self.steerer, self._slots)
         self._prompt_ids: Optional[torch.Tensor] = None
         self._last_length = -1
-
-    def _branches_from_ids(self, input_ids: torch.Tensor) -> list[tuple[list[int], list[int]]]:
-        pad = self.large_tokenizer.pad_token_id
-        return [self.runner.branch_ids_from_text(self.bridge(strip_left_padding(row, pad)), c)
-                for row, c in zip(input_ids.tolist(), self._contexts)]
+        self._steered = torch.zeros(0, dtype=torch.long)
 
     def _start(self, input_ids: torch.Tensor) -> None:
-        branches = self._branches if self._branches is not None else self._branches_from_ids(input_ids)
-        _forget(self.runner, self._keys)
-        for key, (with_ids, without_ids) in zip(self._keys, branches):
-            self.runner.add(key, with_ids, without_ids)
+        _release(self.steerer, self._slots)
+        pad = self.large_tokenizer.pad_token_id
+        prompts = [strip_left_padding(row, pad) for row in input_ids.tolist()]
+        branches = self._branches or [None] * len(prompts)
+        requests = [self.steerer.request(ids, c, gain=self.gain, variants=self.variants, salt=self.cache_salt,
+                                         branches=b) for ids, c, b in zip(prompts, self._contexts, branches)]
+        self._slots[:] = [self.steerer.admit(r) for r in requests]
         self._prompt_ids = input_ids.clone()
         rows = input_ids.shape[0]
-        self._active = torch.ones(rows, dtype=torch.bool)
         self._finished = torch.zeros(rows, dtype=torch.bool)
-        self._streak = torch.zeros(rows, dtype=torch.long)
         self.live_steps = torch.zeros(rows, dtype=torch.long)
-        self.steered_steps = torch.zeros(rows, dtype=torch.long)
+
+    @property
+    def steered_steps(self) -> torch.Tensor:
+        """Per row: the steps it was steered (fewer than ``live_steps`` under gating); kept after :meth:`release`."""
+        if self._slots:
+            self._steered = torch.tensor([self.steerer.slot_stats(s)["steered_steps"] for s in self._slots],
+                                         dtype=torch.long)
+        return self._steered
+
+    def failures(self) -> list[Optional[str]]:
+        """Per row: why it was ended (the small model failed for it), or ``None``."""
+        return [self.steerer.failure(s) for s in self._slots]
 
     def _is_new_call(self, input_ids: torch.Tensor) -> bool:
         p = self._prompt_ids
@@ -169,9 +168,9 @@ class CoSteerLogitsProcessor(LogitsProcessor):
     @torch.no_grad()
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         batch = input_ids.shape[0]
-        if batch != len(self._keys):
+        if batch != len(self._contexts):
             raise ValueError(
-                f"CoSteerLogitsProcessor got {batch} rows but has {len(self._keys)} contexts. Beam search, "
+                f"CoSteerLogitsProcessor got {batch} rows but has {len(self._contexts)} contexts. Beam search, "
                 "num_return_sequences > 1 and a batch that does not match the contexts are not supported; "
                 "use greedy or sampling with one context per prompt")
         if self._is_new_call(input_ids):
@@ -182,47 +181,26 @@ class CoSteerLogitsProcessor(LogitsProcessor):
                 f"{self._last_length} to {input_ids.shape[1]} tokens); assisted/speculative decoding is not supported")
         self._last_length = input_ids.shape[1]
         generated = input_ids[:, self._prompt_ids.shape[1]:]
-
         if generated.shape[1] and self.eos_token_ids:
-            self._finished |= torch.isin(generated[:, -1].cpu(), torch.tensor(self.eos_token_ids))
-            self._switch_off(self._finished)
-        if self.gate_threshold is not None:
-            self._streak = update_confidence_streak(self._streak, scores.cpu(), self.gate_threshold)
-            self._switch_off(self._streak >= self.gate_patience)
+            ended = torch.isin(generated[:, -1].cpu(), torch.tensor(self.eos_token_ids)) & ~self._finished
+            for r in ended.nonzero().flatten().tolist():  # finished rows stop costing small-model compute
+                self.steerer.switch_off(self._slots[r])
+            self._finished |= ended
         self.live_steps += (~self._finished).long()
-        self.steered_steps += self._active.long()
-
-        rows = self._active.nonzero().flatten().tolist()
+        rows = (~self._finished).nonzero().flatten().tolist()
         if not rows:
             return scores
         gen = generated.tolist()
-        vmap = self.vocab_map
-        z_with, z_without = self.runner.step(
-            [(self._keys[r], vmap.to_small(gen[r]) if vmap else gen[r]) for r in rows])
-        dev = scores.device
-        index = torch.tensor(rows, device=dev)
-        large = scores.index_select(0, index)
-        steer_fn = vmap.steer if vmap else steer
-        steered = steer_fn(large, z_with.to(dev), z_without.to(dev), self.gain)
-        if self.eos_guard is not None:
-            steered = force_eos(steered, large, self.eos_token_ids, self.eos_guard)
-        out = scores.clone()
-        out[index] = steered.to(scores.dtype)
-        return out
+        return self.steerer.step(scores.clone(), rows, [self._slots[r] for r in rows], [gen[r] for r in rows])
 
     def release(self) -> None:
         """Frees this processor's small-model rows now (otherwise at garbage collection)."""
-        _forget(self.runner, self._keys)
+        self.steered_steps  # noqa: B018 (kept for reading after the release)
+        _release(self.steerer, self._slots)
         self._prompt_ids = None
 
-    def _switch_off(self, rows: torch.Tensor) -> None:
-        """Stops steering these rows for the rest of the call and frees their small-model rows."""
-        newly = rows & self._active
-        for r in newly.nonzero().flatten().tolist():
-            self.runner.remove(self._keys[r])
-        self._active &= ~rows
 
-
-def _forget(runner: SmallModelRunner, keys: list) -> None:
-    for key in keys:
-        runner.remove(key)
+def _release(steerer: Steerer, slots: list) -> None:
+    for slot in slots:
+        steerer.release(slot)
+    slots.clear()

@@ -43,7 +43,7 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple, Optional, Sequence, Union
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 # Loading lives in costeer_processor.loading; these names are re-exported for callers of this module.
 from .loading import (DTYPES, CoSteerModelError, check_causal_lm, check_same_tokenizer, load_model, load_tokenizer,
@@ -65,7 +65,6 @@ __all__ = [
     "load_model",
     "load_tokenizer",
     "load_pair",
-    "ModelPair",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -482,19 +481,11 @@ def _strip_quantization(config_path: Path) -> None:
         config_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
-class ModelPair(NamedTuple):
-    large_model: object
-    large_tokenizer: object
-    small_model: object
-    small_tokenizer: object
-    large_dir: Path
-    small_dir: Path
-    vocab_map: object = None  # a VocabularyMap when the two tokenizers differ (pass it to the processor)
-
-
 def load_pair(large: PathLike = DEFAULT_LARGE, small: PathLike = DEFAULT_SMALL, dtype: str = "bfloat16",
-              cache_dir: Optional[PathLike] = None, progress: bool = True, device: Optional[str] = None) -> ModelPair:
-    """Resolves (installing presets if needed) and loads both models; maps the vocabularies if they differ.
+              cache_dir: Optional[PathLike] = None, progress: bool = True, device: Optional[str] = None):
+    """Resolves (installing presets if needed) and loads both models as a :class:`~costeer_processor.pipeline.Pair`
+    (``large_model``, ``large_tokenizer``, ``small_model``, ``small_tokenizer``, ``large_dir``, ``small_dir``,
+    ``vocab_map``: set when the two tokenizers differ).
 
     Example (two local folders: a tiny pair whose small model has another tokenizer family)::
 
@@ -515,13 +506,11 @@ def load_pair(large: PathLike = DEFAULT_LARGE, small: PathLike = DEFAULT_SMALL, 
 
         >>> pair = load_pair("qwen2.5-coder-1.5b-instruct", "smollm2-135m-instruct")  # doctest: +SKIP
     """
-    from .vocab import VocabularyMap
+    from .pipeline import Pair
 
     large_dir = resolve_model(large, dtype, cache_dir, progress)
     small_dir = resolve_model(small, dtype, cache_dir, progress)
-    large_tok, small_tok = load_tokenizer(large_dir), load_tokenizer(small_dir)
-    return ModelPair(load_model(large_dir, dtype, device=device), large_tok, load_model(small_dir, dtype, device=device),
-                     small_tok, large_dir, small_dir, VocabularyMap.if_needed(large_tok, small_tok))
+    return Pair.load(large_dir, small_dir, dtype, device=device)
 
 
 def describe_presets(cache_dir: Optional[PathLike] = None, dtypes: Sequence[str] = DTYPES) -> list[dict]:

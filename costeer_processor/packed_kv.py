@@ -7,28 +7,43 @@ blocks of :data:`BLOCK` tokens in one pool per layer (``[blocks, kv_heads, BLOCK
 so memory and attention work follow the SUM of row lengths, and a request joins (its prefill
 written into free blocks) or leaves (its blocks freed) without copying anyone else's cache.
 
-A decode step is one ``[rows, 1]`` forward of the model with :func:`packed_attention` as its
-attention function (transformers' ``AttentionInterface``, selected only for that forward): each
-pool block is scored against its owner row's query in ONE batched matmul over the blocks
-(nothing is gathered from the cache), and the softmax is combined across each row's blocks
-as in flash-decoding (per-row max, then sums, with ``index_add``). The order of a row's
-blocks does not matter: positions live in the keys (RoPE) and in :attr:`PackedRows.block_start`
-(for sliding-window layers). Scores are formed in the pool's dtype and normalised in float32,
-like transformers' eager attention.
+A decode step is one ``[rows, 1]`` forward of the model whose cache hands each layer a
+:class:`PackedKV` instead of key/value tensors. :func:`use_packed_attention` selects, ONCE per
+model, an attention implementation registered with transformers' ``AttentionInterface`` that
+dispatches on its inputs: :func:`packed_attention` when the key is a :class:`PackedKV`, the
+model's original implementation (``sdpa``, ``eager``, ...) otherwise, with the original's mask
+function registered under the same name. Nothing is switched per forward, so the model's own
+forwards (prefill, or any other caller, in any thread) are computed exactly as before.
+
+:func:`packed_attention` scores each pool block against its owner row's query in ONE batched
+matmul over the blocks (nothing is gathered from the cache), and the softmax is combined across
+each row's blocks as in flash-decoding (per-row max, then sums, with ``index_add``). The order of
+a row's blocks does not matter: positions live in the keys (RoPE) and in
+:attr:`PackedRows.block_start` (for sliding-window layers). Scores are formed in the pool's dtype
+and normalised in float32, like transformers' eager attention. Unfilled columns get weight 0;
+since ``0 x inf = NaN``, a block's VALUES are zeroed when the block is taken (its keys need no
+clearing: their scores are overwritten with ``-inf``), so nothing a previous owner left can reach
+a new one.
 
 Prefill is not done here: new rows are prefilled with the model's own attention into an ordinary
-``DynamicCache`` and then written into blocks with :meth:`PackedRows.add`.
+``DynamicCache`` and then written into blocks with :meth:`PackedRows.add`, which either writes
+every row or (when it raises) holds nothing more than before.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional
+import sys
+import threading
+from typing import Callable, Optional
 
 import torch
 from transformers import AttentionInterface, PretrainedConfig
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-__all__ = ["BLOCK", "ATTENTION", "PackedRows", "PackedKV", "packed_attention", "check_supported"]
+__all__ = ["BLOCK", "ATTENTION", "PackedRows", "PackedKV", "packed_attention", "use_packed_attention",
+           "check_supported"]
 
 BLOCK = 32  # tokens per block: wasted columns per row average BLOCK / 2
 ATTENTION = "costeer_packed"
@@ -110,6 +125,63 @@ def packed_attention(module, query, key, value, attention_mask=None, scaling=Non
 
 AttentionInterface.register(ATTENTION, packed_attention)
 
+_REGISTER = threading.Lock()
+_EAGER: dict[type, Callable] = {}  # attention module class -> its modeling file's eager_attention_forward
+
+
+def _original_attention(module, original: str) -> Callable:
+    """The function ``original`` names for ``module``, as the model itself would pick it."""
+    if original != "eager":
+        return ALL_ATTENTION_FUNCTIONS[original]
+    fn = _EAGER.get(type(module))
+    if fn is None:  # transformers' "eager" is each modeling file's own eager_attention_forward
+        fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+        if fn is None:
+            raise TypeError(f"cannot find the eager attention of {type(module).__name__}")
+        _EAGER[type(module)] = fn
+    return fn
+
+
+def _dispatcher(original: str) -> Callable:
+    def attention(module, query, key, value, *args, **kwargs):
+        if isinstance(key, PackedKV):
+            return packed_attention(module, query, key, value, *args, **kwargs)
+        return _original_attention(module, original)(module, query, key, value, *args, **kwargs)
+
+    attention.__name__ = attention.__qualname__ = f"costeer_packed_or_{original}"
+    return attention
+
+
+def use_packed_attention(model) -> str:
+    """Selects, once, the attention under which :meth:`PackedRows.decode` can run ``model``; returns its name.
+
+    The selected implementation (``"costeer_packed:<original>"``) runs :func:`packed_attention` on a
+    :class:`PackedKV` and the model's original implementation on anything else, and masks are built
+    by the original's mask function: the model's ordinary forwards give exactly what they gave
+    before. Idempotent; safe to call while other threads run the model. Flash-attention and hub
+    kernels read the implementation's name at run time and are refused (load the small model with
+    ``attn_implementation="sdpa"``).
+    """
+    current = model.config._attn_implementation or "eager"
+    if current.startswith(ATTENTION + ":"):
+        return current
+    if "flash" in current or "/" in current or current.startswith("paged") or current == ATTENTION:
+        raise ValueError(f"the small model uses attn_implementation={current!r}, which CoSteer's packed decode "
+                         "cannot wrap; load it with attn_implementation='sdpa' (or 'eager')")
+    if current != "eager" and current not in ALL_ATTENTION_FUNCTIONS:
+        raise ValueError(f"the small model's attention implementation {current!r} is not registered")
+    name = f"{ATTENTION}:{current}"
+    with _REGISTER:
+        if name not in ALL_ATTENTION_FUNCTIONS:
+            if current in ALL_MASK_ATTENTION_FUNCTIONS:  # else no mask is built, as for the original
+                AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[current])
+            AttentionInterface.register(name, _dispatcher(current))
+    model.set_attn_implementation(name)
+    if model.config._attn_implementation != name:
+        raise ValueError(f"the small model ({type(model).__name__}) cannot change its attention implementation "
+                         "(it does not use transformers' AttentionInterface), so the packed decode cannot run it")
+    return name
+
 
 class _StepCache:
     """The ``past_key_values`` of a decode forward: writes each layer's new column, returns its pool."""
@@ -129,7 +201,9 @@ class PackedRows:
 
     Rows are stable integer ids (from :meth:`add`), so dropping one renumbers nothing. Pools grow
     by 1/16 when full (an amortised copy); freed blocks are reused lowest-first, so the blocks in use
-    stay at the front of the pool and a step only scores ``[:high-water]``.
+    stay at the front of the pool and a step only scores ``[:high-water]``. A block's values are
+    zeroed when it is taken, and :meth:`add` is all or nothing. One caller at a time: the
+    :class:`~costeer_processor.small_model.SmallModelRunner` holds its lock around every call.
 
     Example::
 
@@ -184,44 +258,54 @@ class PackedRows:
 
     # ------------------------------------------------------------------ allocation
     def _grow_blocks(self, need: int) -> None:
+        """Room for ``need`` blocks; all or nothing (a failed allocation leaves the pools as they were)."""
         old = self.owner.numel()
         if need <= old:
             return
         cap = need + max(4, need // 16)
         shape = (cap, self.kv_heads, self.block, self.head_dim)
+        grown = []
         for pools in (self.keys, self.values):
+            grown.append([])
             for i in range(len(self.layer_types)):
-                new = torch.zeros(shape, dtype=self.dtype, device=self.device)  # never NaN: 0 x NaN = NaN
+                new = torch.zeros(shape, dtype=self.dtype, device=self.device)
                 if old:
                     new[:old] = pools[i]
-                if i < len(pools):
-                    pools[i] = new
-                else:
-                    pools.append(new)
+                grown[-1].append(new)
         pad = lambda t, v: torch.cat([t, t.new_full((cap - old,), v)])  # noqa: E731
-        self.owner, self.fill, self.block_start = pad(self.owner, -1), pad(self.fill, 0), pad(self.block_start, 0)
+        owner, fill, block_start = pad(self.owner, -1), pad(self.fill, 0), pad(self.block_start, 0)
+        self.keys, self.values = grown
+        self.owner, self.fill, self.block_start = owner, fill, block_start
 
     def _take_blocks(self, n: int) -> torch.Tensor:
-        """``n`` free block ids, lowest first (the pool grows if needed)."""
+        """``n`` free block ids, lowest first (the pool grows if needed), their values zeroed.
+
+        Zeroing here, once per block taken, costs what writing the block's KV costs anyway; masking
+        values in the kernel instead would touch every block of the pool at every step. The caller
+        marks the blocks' owner; until then they are still free.
+        """
         free = (self.owner < 0).nonzero()[:, 0]
         if free.numel() < n:
             self._grow_blocks(self.owner.numel() + n - free.numel())
             free = (self.owner < 0).nonzero()[:, 0]
         taken = free[:n]
         if n:
+            for pool in self.values:  # weight 0 x a stale inf/NaN would be NaN; stale keys are masked to -inf
+                pool.index_fill_(0, taken, 0)
             self._used = max(self._used, int(taken[-1]) + 1)
         return taken
 
     def _take_rows(self, n: int) -> list[int]:
-        rows = []
-        while self._free_rows and len(rows) < n:
-            rows.append(self._free_rows.pop())
+        """``n`` row ids (freed ones first); all or nothing."""
+        reused = self._free_rows[len(self._free_rows) - min(n, len(self._free_rows)):][::-1]
+        extra = n - len(reused)
         start = self.tail.numel()
-        extra = n - len(rows)
         if extra:
-            rows += list(range(start, start + extra))
-            self.tail = torch.cat([self.tail, self.tail.new_full((extra,), -1)])
-            self.length = torch.cat([self.length, self.length.new_zeros(extra)])
+            tail = torch.cat([self.tail, self.tail.new_full((extra,), -1)])
+            length = torch.cat([self.length, self.length.new_zeros(extra)])
+            self.tail, self.length = tail, length
+        del self._free_rows[len(self._free_rows) - len(reused):]
+        rows = reused + list(range(start, start + extra))
         self._live_rows.update(rows)
         return rows
 
@@ -232,6 +316,7 @@ class PackedRows:
 
         ``cache``: a transformers cache of full-attention layers (``[m, kv_heads, W, head_dim]`` each);
         ``mask``: ``[m, W]``, 1 where a column holds one of the row's tokens (holes allowed), in order.
+        If it raises, every row and block it took is free again.
         """
         mask = mask.to(self.device).bool()
         m = mask.shape[0]
@@ -240,7 +325,18 @@ class PackedRows:
             raise ValueError("every packed row needs at least one token")
         per_row = (lengths + self.block - 1) // self.block
         blocks = self._take_blocks(int(per_row.sum()))
-        rows = self._take_rows(m)
+        rows: list[int] = []
+        try:
+            rows = self._take_rows(m)
+            self._write(cache, mask, lengths, per_row, blocks, rows)
+        except BaseException:
+            self.owner[blocks], self.fill[blocks] = -1, 0  # taken from the free blocks: free again
+            self.drop(rows)
+            self._settle()
+            raise
+        return rows
+
+    def _write(self, cache, mask, lengths, per_row, blocks, rows) -> None:
         row_ids = torch.tensor(rows, dtype=torch.long, device=self.device)
         first = torch.cumsum(per_row, 0) - per_row  # index into `blocks` of each row's first block
         src_row, src_col = mask.nonzero(as_tuple=True)  # row-major: each row's tokens in order
@@ -257,7 +353,6 @@ class PackedRows:
         self.fill[blocks] = torch.clamp(torch.repeat_interleave(lengths, per_row) - nth * self.block, max=self.block)
         self.tail[row_ids] = blocks[first + per_row - 1]
         self.length[row_ids] = lengths
-        return rows
 
     @torch.inference_mode()
     def drop(self, rows) -> None:
@@ -271,7 +366,11 @@ class PackedRows:
         self.tail[ids], self.length[ids] = -1, 0
         self._live_rows.difference_update(rows)
         self._free_rows.extend(rows)
-        if not self._live_rows:  # idle: hold no KV memory at all
+        self._settle()
+
+    def _settle(self) -> None:
+        """After blocks were freed: lowers the high-water mark, or holds no KV memory at all when idle."""
+        if not self._live_rows:
             self._reset()
             return
         live = (self.owner[:self._used] >= 0).nonzero()
@@ -291,8 +390,10 @@ class PackedRows:
     def decode(self, model, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """One forward of ``model`` feeding ``ids[i]`` to row ``rows[i]``; returns ``[len(rows), V]`` logits.
 
-        A forward that raises leaves every row as it was (nothing counts until it returns).
+        The model runs under :func:`use_packed_attention` (selected on first use). A forward that
+        raises leaves every row as it was (nothing counts until it returns).
         """
+        use_packed_attention(model)
         full = self.fill[self.tail[rows]] >= self.block
         if bool(full.any()):
             grown = rows[full]
@@ -310,16 +411,9 @@ class PackedRows:
         positions = self.length[rows]
         step = _Step(lookup[self.owner[:used]], columns < fill[:used, None],
                      self.block_start[:used, None] + columns, positions, rows.numel())
-        config = model.config
-        previous = config._attn_implementation
-        config._attn_implementation = ATTENTION
-        try:
-            out = model(input_ids=ids[:, None], position_ids=positions[:, None],
-                        attention_mask={kind: None for kind in set(self.layer_types)},
-                        past_key_values=_StepCache(self, step, blocks, offsets, used), use_cache=True,
-                        logits_to_keep=1)
-        finally:
-            config._attn_implementation = previous
+        ready = torch.ones((rows.numel(), 1, 1, 1), dtype=torch.bool, device=self.device)  # 4D: no mask is built
+        out = model(input_ids=ids[:, None], position_ids=positions[:, None], attention_mask=ready,
+                    past_key_values=_StepCache(self, step, blocks, offsets, used), use_cache=True, logits_to_keep=1)
         self.fill = fill
         self.length[rows] += 1
         return out.logits[:, -1, :]

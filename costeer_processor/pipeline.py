@@ -47,6 +47,7 @@ from typing import Optional, Sequence
 import torch
 
 from .core import CoSteerConfig, Variants
+from .core.sampling import GREEDY, Sampling
 from .loading import check_causal_lm, eos_token_ids, load_model, load_tokenizer
 from .prompts import DEFAULT_SYSTEM_PROMPT, ContextBudget, ContextSplicer, PromptLike, with_system_prompt
 from .small_model import SmallModelRunner
@@ -57,21 +58,6 @@ __all__ = ["Sampling", "GREEDY", "Generation", "render", "trim_at_eos", "generat
 ROLES = ("large", "small")
 
 
-@dataclass(frozen=True)
-class Sampling:
-    """How tokens are picked: ``temperature == 0`` is greedy (the paper's decoding)."""
-
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int = 0
-
-    def generate_kwargs(self) -> dict:
-        if self.temperature > 0:
-            return dict(do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=None)
-        return dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-
-
-GREEDY = Sampling()
 
 
 @dataclass
@@ -146,7 +132,8 @@ def generate(model, tokenizer, texts: Sequence[str], *, eos_ids: Sequence[int], 
     if streamer is not None:
         kwargs["streamer"] = streamer
     if sampling.temperature > 0:
-        torch.manual_seed(sampling.seed)
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed)
     _sync(model.device)
     start = time.perf_counter()
     out = model.generate(**enc, **kwargs)
@@ -186,6 +173,14 @@ class Pair:
         self.dirs: dict[str, Path] = {}
         self.dtype: Optional[str] = None
         self.device: Optional[str] = None
+
+    # the roles by name (what models.load_pair's callers read)
+    large_model = property(lambda self: self.models["large"])
+    small_model = property(lambda self: self.models["small"])
+    large_tokenizer = property(lambda self: self.tokenizers["large"])
+    small_tokenizer = property(lambda self: self.tokenizers["small"])
+    large_dir = property(lambda self: self.dirs.get("large"))
+    small_dir = property(lambda self: self.dirs.get("small"))
 
     @classmethod
     def load(cls, large_dir: Path, small_dir: Path, dtype: str, *, device: Optional[str] = None,
@@ -284,8 +279,7 @@ class Pair:
         runner = self.runner(position, separator)
         before = runner.forward_count
         proc = CoSteerLogitsProcessor(runner, list(contexts), config, eos_token_id=self.eos_ids("large"),
-                                      gate_threshold=variants.gate_threshold, gate_patience=variants.gate_patience,
-                                      eos_guard=variants.eos_guard, vocab_map=self.vocab_map, large_tokenizer=tok)
+                                      variants=variants, vocab_map=self.vocab_map, large_tokenizer=tok)
         try:
             out = generate(model, tok, texts, processors=[proc], **common)
         finally:

@@ -10,12 +10,23 @@ Layout: every branch row lives in fixed-size blocks of a packed KV pool
 (:class:`~costeer_processor.packed_kv.PackedRows`), so memory and attention work follow the sum
 of row lengths, and joining or leaving copies nobody else's cache. A decode step is a single
 ``[2n, 1]`` forward (both rows of every advancing request) with explicit positions. New
-requests are prefilled together (with the model's own attention) and written into free blocks.
+requests are prefilled in separate forwards (with the model's own attention), in chunks of at
+most ``max_prefill_tokens`` tokens, and written into free blocks.
+
+Threads: one runner may be shared; every public method that reads or changes its state holds
+``runner.lock`` (an ``RLock``), so concurrent callers are served one at a time and get what a
+sequential run gives. The packed attention is selected once, at construction
+(:func:`~costeer_processor.packed_kv.use_packed_attention`), and never switched per forward, so
+the model's own forwards elsewhere are unaffected.
+
+Failures: a ``step`` that raises leaves nothing half-done (see :meth:`SmallModelRunner.step`);
+rows and blocks taken by a failed prefill are freed.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, field
 from typing import Hashable, Iterable, Optional, Sequence
 
@@ -24,7 +35,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from .core.config import check_range, number
 from .kv_cache import ContextCache
-from .packed_kv import PackedRows
+from .packed_kv import PackedRows, use_packed_attention
 from .prompts import ContextBudget, ContextSplicer, ContextTooLongError, PromptLike  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
@@ -75,6 +86,11 @@ class SmallModelRunner:
         context_cache_mb: memory cap of the reusable context-prefix cache
             (:class:`~costeer_processor.kv_cache.ContextCache`, ``context_position="before"`` only);
             ``0`` switches it off.
+        max_prefill_tokens: the most prompt tokens (with-context plus without-context rows, before
+            any context-cache saving) one prefill chunk runs; a single larger request runs alone.
+
+    The runner selects its packed attention on ``model`` once
+    (:func:`~costeer_processor.packed_kv.use_packed_attention`); the model's own forwards are unchanged.
 
     Example::
 
@@ -99,9 +115,14 @@ class SmallModelRunner:
         context_separator: str = "\n\n",
         max_context_tokens: Optional[int] = None,
         context_cache_mb: float = 256,
+        max_prefill_tokens: int = 8192,
     ):
         context_cache_mb = number("context_cache_mb", context_cache_mb)
         check_range("context_cache_mb", context_cache_mb, 0)
+        max_prefill_tokens = number("max_prefill_tokens", max_prefill_tokens, integer=True)
+        check_range("max_prefill_tokens", max_prefill_tokens, 1)
+        self.lock = threading.RLock()  # held by every public method that reads or changes the state
+        self.max_prefill_tokens = max_prefill_tokens
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.splicer = ContextSplicer(tokenizer, context_position, context_separator)
@@ -110,6 +131,7 @@ class SmallModelRunner:
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self._requests: dict[Hashable, _Request] = {}
         self._store = PackedRows(model.config, next(model.parameters()).dtype, self.device)
+        use_packed_attention(model)  # once: nothing is switched per forward
         self._last: Optional[torch.Tensor] = None  # [row ids, V] logits after each row's last fed token
         self.forward_count = 0  # batched forwards run (for benchmarks and tests)
         self.prefill_tokens = 0  # tokens run through prefill forwards (a context-cache hit saves most)
@@ -159,37 +181,45 @@ class SmallModelRunner:
         ``salt`` (e.g. vLLM's ``cache_salt``) is part of the context-cache key: requests with
         different salts never share cached context KV.
         """
-        if key in self._requests:
-            self.remove(key)
         if not ids_with or not ids_without:
             raise ValueError("both branch prompts need at least one token")
         shared = min(getattr(ids_with, "shared", 0), len(ids_with) - 1)  # at least one token is run
-        self._requests[key] = _Request(list(ids_with), list(ids_without), max(shared, 0), salt)
+        request = _Request(list(ids_with), list(ids_without), max(shared, 0), salt)
+        with self.lock:
+            if key in self._requests:
+                self.remove(key)
+            self._requests[key] = request
 
     def remove(self, key: Hashable) -> None:
         """Forgets a request and frees its cache rows (no-op for unknown keys)."""
-        self._release([key])
-        self._requests.pop(key, None)
+        with self.lock:
+            self._release([key])
+            self._requests.pop(key, None)
 
     def clear(self) -> None:
-        self._release(list(self._requests))
-        self._requests.clear()
+        with self.lock:
+            self._release(list(self._requests))
+            self._requests.clear()
 
     def __contains__(self, key: Hashable) -> bool:
-        return key in self._requests
+        with self.lock:
+            return key in self._requests
 
     def __len__(self) -> int:
-        return len(self._requests)
+        with self.lock:
+            return len(self._requests)
 
     @property
     def cached_rows(self) -> int:
         """Requests whose branches currently sit in the KV cache."""
-        return len(self._store) // 2
+        with self.lock:
+            return len(self._store) // 2
 
     @property
     def kv_tokens(self) -> int:
         """Tokens held in the packed KV cache (the sum of the cached rows' lengths)."""
-        return self._store.tokens()
+        with self.lock:
+            return self._store.tokens()
 
     def stats(self) -> dict:
         """Requests, cached rows, KV tokens and bytes, forwards, prefill tokens, context-cache figures.
@@ -197,11 +227,12 @@ class SmallModelRunner:
         ``kv_bytes`` is what the pools hold (free blocks included); ``kv_bytes_needed`` is
         ``kv_tokens`` x bytes per token, the floor any layout needs.
         """
-        store = self._store
-        return {"requests": len(self._requests), "cached_rows": self.cached_rows, "kv_tokens": store.tokens(),
-                "kv_bytes": store.nbytes(), "kv_bytes_needed": store.tokens() * store.bytes_per_token(),
-                "forwards": self.forward_count, "prefill_tokens": self.prefill_tokens,
-                "context_cache": self.context_cache.stats()}
+        with self.lock:
+            store = self._store
+            return {"requests": len(self._requests), "cached_rows": len(store) // 2, "kv_tokens": store.tokens(),
+                    "kv_bytes": store.nbytes(), "kv_bytes_needed": store.tokens() * store.bytes_per_token(),
+                    "forwards": self.forward_count, "prefill_tokens": self.prefill_tokens,
+                    "context_cache": self.context_cache.stats()}
 
     # ------------------------------------------------------------------ the step
     @torch.inference_mode()
@@ -214,33 +245,60 @@ class SmallModelRunner:
 
         Returns ``(with_context, without_context)``, each ``[len(batch), V_small]`` in the
         small model's dtype.
+
+        The requests advancing by one token are decoded in one forward; the new (or re-synced)
+        ones are then prefilled in separate forwards, chunk by chunk (``max_prefill_tokens``).
+        If it raises, nothing is half-done: every request already decoded or prefilled in this
+        call holds exactly what was fed to it (a retry returns its logits without recomputing),
+        the failing chunk's requests and those after it hold no rows, and every other request is
+        as it was. So a retry with a subset of the batch is safe, e.g. the new requests one at a time.
         """
+        with self.lock:
+            return self._step(batch)
+
+    def _step(self, batch):
         if not batch:
             empty = torch.empty(0, self.vocab_size, device=self.device)
             return empty, empty
         decode: dict[Hashable, int] = {}
-        fresh: list[Hashable] = []
+        fresh: dict[Hashable, None] = {}  # ordered, each key once
         generated: dict[Hashable, list[int]] = {}
         for key, ids in batch:
             req = self._requests.get(key)
             if req is None:
                 raise KeyError(f"request {key!r} was never added to the small-model runner")
             ids = list(ids)
-            generated[key] = ids
+            if generated.setdefault(key, ids) != ids:
+                raise ValueError(f"request {key!r} appears twice in the batch with different histories")
             n = len(req.fed)
             if req.rows is not None and len(ids) == n + 1 and ids[:n] == req.fed:
                 decode[key] = ids[-1]
             elif req.rows is not None and ids == req.fed:
                 continue  # nothing new: the last logits are still right
             else:
-                fresh.append(key)
+                fresh[key] = None
         self._release([k for k in fresh if self._requests[k].rows is not None])
         if decode:
             self._decode(decode)
-        if fresh:
-            self._prefill(fresh, generated)
+        for chunk in self._chunks(list(fresh), generated):
+            self._prefill(chunk, generated)
         rows = torch.tensor([self._requests[k].rows for k, _ in batch], device=self.device)
         return self._last[rows[:, 0]], self._last[rows[:, 1]]
+
+    def _chunks(self, keys: list[Hashable], generated: dict[Hashable, list[int]]):
+        """Consecutive groups of ``keys`` of at most ``max_prefill_tokens`` prompt tokens (a larger request alone)."""
+        chunk: list[Hashable] = []
+        size = 0
+        for key in keys:
+            req = self._requests[key]
+            n = len(req.ids_with) + len(req.ids_without) + 2 * len(generated[key])
+            if chunk and size + n > self.max_prefill_tokens:
+                yield chunk
+                chunk, size = [], 0
+            chunk.append(key)
+            size += n
+        if chunk:
+            yield chunk
 
     def _forward(self, input_ids, attention_mask, position_ids, cache):
         self.forward_count += 1
@@ -254,8 +312,12 @@ class SmallModelRunner:
         rows = torch.tensor([r.rows for r in reqs], device=self.device).flatten()
         ids = torch.tensor(list(tokens.values()), device=self.device).repeat_interleave(2)
         self.forward_count += 1
-        logits = self._store.decode(self.model, rows, ids)
-        self._last[rows] = logits.to(self._last.dtype)
+        logits = self._store.decode(self.model, rows, ids)  # raises: every row as it was
+        try:
+            self._last[rows] = logits.to(self._last.dtype)
+        except BaseException:  # the cache holds the token but its logits are lost: re-prefill next time
+            self._release(tokens)
+            raise
         for req, tok in zip(reqs, tokens.values()):
             req.fed.append(tok)
 
@@ -265,23 +327,25 @@ class SmallModelRunner:
 
         With-context rows whose context prefix is in the
         :class:`~costeer_processor.kv_cache.ContextCache` start from its KV and run only the rest.
+        All or nothing: if anything raises, the requests hold no rows and nothing they took is kept.
         """
         reqs = [self._requests[key] for key in keys]
-        for key, req in zip(keys, reqs):
-            req.fed = list(generated[key])
-        parts = [self._prefill_with_context(reqs), self._prefill_rows([r.ids_without + r.fed for r in reqs])]
-        added = [self._store.add(*parts[0][:2])]  # a failed forward above leaves no rows
+        fed = [list(generated[key]) for key in keys]
+        parts = [self._prefill_with_context(reqs, fed),
+                 self._prefill_rows([r.ids_without + f for r, f in zip(reqs, fed)])]
+        added: list[list[int]] = []  # a failed forward above leaves no rows
         try:
-            added.append(self._store.add(*parts[1][:2]))
-        except BaseException:  # nor does a failed write: the with-context rows go again
-            self._store.drop(added[0])
+            for cache, mask, _ in parts:
+                added.append(self._store.add(cache, mask))  # a failed add frees what it took
+            rows = torch.tensor(added, device=self.device)  # [2, n]
+            self._grow_last(int(rows.max()) + 1, parts[0][2].dtype)
+            for branch, (_, _, logits) in enumerate(parts):
+                self._last[rows[branch]] = logits.to(self._last.dtype)
+        except BaseException:  # nor does a failed write: free every row written here, then re-raise
+            self._drop_rows([r for branch in added for r in branch])
             raise
-        rows = torch.tensor(added, device=self.device)  # [2, n]
-        self._grow_last(int(rows.max()) + 1, parts[0][2].dtype)
-        for branch, (_, _, logits) in enumerate(parts):
-            self._last[rows[branch]] = logits.to(self._last.dtype)
-        for req, pair in zip(reqs, rows.T.tolist()):
-            req.rows = tuple(pair)
+        for req, ids, pair in zip(reqs, fed, rows.T.tolist()):
+            req.fed, req.rows = ids, tuple(pair)
 
     def _grow_last(self, rows: int, dtype: torch.dtype) -> None:
         """Room in the last-logits table for row ids below ``rows`` (amortised growth)."""
@@ -291,19 +355,19 @@ class SmallModelRunner:
                 grown[:self._last.shape[0]] = self._last
             self._last = grown
 
-    def _prefill_with_context(self, reqs: list[_Request]):
+    def _prefill_with_context(self, reqs: list[_Request], fed: list[list[int]]):
         """The with-context rows: reused context KV where the cache has it, one forward for the rest."""
         cc = self.context_cache
         cache_keys = [cc.key(r.ids_with[:r.shared], r.salt) if cc.enabled and r.shared else None for r in reqs]
         hits = [cc.get(k) if k is not None else None for k in cache_keys]
         skip = [r.shared if hit is not None else 0 for r, hit in zip(reqs, hits)]
         past = _stack_prefixes(hits, skip) if any(skip) else None
-        cache, mask, logits = self._prefill_rows([r.ids_with[n:] + r.fed for r, n in zip(reqs, skip)], past, skip)
+        cache, mask, logits = self._prefill_rows([r.ids_with[n:] + f for r, f, n in zip(reqs, fed, skip)], past, skip)
         width = mask.shape[1]
-        for r, (req, key, n) in enumerate(zip(reqs, cache_keys, skip)):
+        for r, (req, f, key, n) in enumerate(zip(reqs, fed, cache_keys, skip)):
             if key is None or n:
                 continue  # nothing to keep, or it came from the cache
-            start = width - (len(req.ids_with) + len(req.fed))
+            start = width - (len(req.ids_with) + len(f))
             cc.put(key, [(layer.keys[r:r + 1, :, start:start + req.shared].clone(),
                           layer.values[r:r + 1, :, start:start + req.shared].clone()) for layer in cache.layers])
         return cache, mask, logits
@@ -324,8 +388,8 @@ class SmallModelRunner:
             cache, past_mask = past
             positions = positions + torch.tensor(offsets, device=dev)[:, None]
             mask = torch.cat([past_mask, mask], dim=1)
-        self.prefill_tokens += int(mask[:, -width:].sum())
         logits = self._forward(ids, mask, positions, cache)
+        self.prefill_tokens += int(mask[:, -width:].sum())
         return cache, mask, logits
 
     def _release(self, keys: Iterable[Hashable]) -> None:
@@ -335,6 +399,9 @@ class SmallModelRunner:
             if req is not None and req.rows is not None:
                 rows += req.rows
                 req.rows = None
+        self._drop_rows(rows)
+
+    def _drop_rows(self, rows: list[int]) -> None:
         self._store.drop(rows)
         if not len(self._store):
             self._last = None  # idle: no logits table either

@@ -17,6 +17,10 @@ import urllib.request
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
+# vLLM's ``--middleware`` value for CoSteer's HTTP argument check (costeer_processor/vllm/middleware.py);
+# ``costeer serve`` passes it next to the processor.
+COSTEER_MIDDLEWARE = "costeer_processor.vllm.middleware.CoSteerArgsMiddleware"
+
 CPU_DEFAULTS = {
     "VLLM_CPU_KVCACHE_SPACE": "2",  # GiB; one NUMA node holds ~9 GiB on the 2-core machine
     "VLLM_CPU_OMP_THREADS_BIND": "0-1" if (os.cpu_count() or 1) >= 2 else "0",

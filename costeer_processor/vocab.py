@@ -125,11 +125,12 @@ class VocabularyMap:
         return large_ids[keep], small_ids[keep]
 
     def steer(self, llm_logits: torch.Tensor, small_with: torch.Tensor, small_without: torch.Tensor,
-              gain: GainLike) -> torch.Tensor:
-        """:func:`~costeer_processor.steer` on the common tokens; other large ids get ``-inf``."""
+              gain: GainLike, fn=steer) -> torch.Tensor:
+        """:func:`~costeer_processor.steer` (or ``fn``, an update of the same signature) on the common
+        tokens; other large ids get ``-inf``."""
         dev = llm_logits.device
         large_ids, small_ids = self._aligned(dev, llm_logits.shape[1])
-        sub = steer(llm_logits.index_select(1, large_ids), small_with.index_select(1, small_ids),
+        sub = fn(llm_logits.index_select(1, large_ids), small_with.index_select(1, small_ids),
                     small_without.index_select(1, small_ids), gain)
         out = torch.full((llm_logits.shape[0], llm_logits.shape[1]), NEG_INF, dtype=sub.dtype, device=dev)
         out[:, large_ids] = sub

@@ -13,7 +13,7 @@ pytest.importorskip("matplotlib")
 
 from costeer_processor.eval import metrics  # noqa: E402
 from costeer_processor.eval.run import done_ids, main  # noqa: E402
-from costeer_processor.eval.tasks import (PREFERENCES, SOTU_HEADING, longlamp_task, preference_context,  # noqa: E402
+from costeer_processor.eval.tasks import (PREFERENCE_TARGETS, PREFERENCES, SOTU_HEADING, longlamp_task, preference_context,  # noqa: E402
                                           preference_tasks, records_context, sotu_examples)
 from costeer_processor.pipeline import render  # noqa: E402
 from costeer_processor.prompts import with_system_prompt  # noqa: E402
@@ -296,3 +296,219 @@ def test_install_wordnet_from_local_deb(tmp_path):
     assert (corpus / "data.noun").stat().st_size > 1_000_000
     lexnames = (corpus / "lexnames").read_text().splitlines()
     assert len(lexnames) == 45 and lexnames[5] == "05\tnoun.animal\t1" and lexnames[-1] == "44\tadj.ppl\t3"
+
+
+# --------------------------------------------------------------------------- persona task
+from costeer_processor.eval.metrics import collapsed, copied_run, leak_terms_in  # noqa: E402
+from costeer_processor.eval.systems import make_systems, parse_options  # noqa: E402
+from costeer_processor.eval.tasks import load_personas, packaged_personas, persona_tasks  # noqa: E402
+
+PERSONA_PROMPTS = PROMPTS + [{"id": 5, "input": "How can I be more patient with my kids?"}]
+PERSONAS = [
+    {"persona": "medic", "context": "I'm a paramedic on night shifts. I read answers on my phone between calls.",
+     "implied": "concise", "leak_terms": ["paramedic", "ambulance", "night shift", "patient"]},
+    {"persona": "low", "context": "I lost my job last month and feel low. Kind words mean a lot to me.",
+     "implied": "uplifting", "leak_terms": ["lost your job", "unemploy"]},
+]
+
+
+@pytest.fixture
+def persona_files(tmp_path):
+    prompts, personas = tmp_path / "persona_prompts.jsonl", tmp_path / "personas.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in PERSONA_PROMPTS))
+    personas.write_text("".join(json.dumps(r) + "\n" for r in PERSONAS))
+    return prompts, personas
+
+
+def test_packaged_personas_are_the_dev_set_with_their_source_note():
+    rows = load_personas()
+    assert [r["persona"] for r in rows] == ["paramedic", "watch", "teacher", "historian", "low", "novelist"]
+    assert {r["implied"] for r in rows} == set(PREFERENCES)
+    note = (Path(str(packaged_personas())).parent / "PERSONA_DEV.md").read_text()
+    assert "## Source of this copy" in note and "persona_dev.jsonl" in note
+    tasks = persona_tasks(n=16)
+    assert len(tasks) == 6 and all(len(t.examples) == 16 for t in tasks)
+    assert [e.input for e in tasks[0].examples] == [e.input for e in preference_tasks(n=16)[0].examples]
+
+
+def test_persona_tasks_cross_personas_with_prompts(persona_files):
+    prompts, personas = persona_files
+    tasks = persona_tasks(personas, prompts, n=2)
+    assert [t.name for t in tasks] == ["persona/medic", "persona/low"]
+    for task, p in zip(tasks, PERSONAS):
+        assert task.kind == "persona" and task.preference == p["implied"] and task.shared == "preference"
+        assert task.describe()["target"] == PREFERENCE_TARGETS[p["implied"]]
+        assert [e.id for e in task.examples] == ["7", "3"]  # the preference tasks' ids: shared outputs
+        for e in task.examples:
+            assert e.context == p["context"] and e.meta["leak_terms"] == p["leak_terms"]
+            assert task.with_context_user_text(e) == p["context"] + "\n" + e.input  # told before the question
+    assert len(persona_tasks(personas, prompts, n=None)[0].examples) == 4
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"persona": "a b", "context": "x", "implied": "concise", "leak_terms": []}, "'persona' must be"),
+    ({"persona": "a", "context": " ", "implied": "concise", "leak_terms": []}, "'context' must be"),
+    ({"persona": "a", "context": "x", "implied": "funny", "leak_terms": []}, "'implied' must be one of"),
+    ({"persona": "a", "context": "x", "implied": "concise", "leak_terms": "ab"}, "'leak_terms' must be"),
+])
+def test_load_personas_refuses_malformed_rows(tmp_path, row, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    with pytest.raises(ValueError, match=message):
+        load_personas(path)
+    ok = {"persona": "a", "context": "x", "implied": "concise", "leak_terms": []}
+    path.write_text(json.dumps(ok) + "\n" + json.dumps(ok) + "\n")
+    with pytest.raises(ValueError, match="unique"):
+        load_personas(path)
+
+
+def test_leak_terms_are_case_insensitive_word_prefixes_the_question_lacks():
+    terms = ["paramedic", "ambulance", "night shift", "patient", "smartwatch"]
+    assert leak_terms_in("As a PARAMEDIC on the ambulance...", terms) == ["paramedic", "ambulance"]
+    assert leak_terms_in("Patients first; smartwatches too.", terms) == ["patient", "smartwatch"]  # prefixes
+    assert leak_terms_in("An outpatient clinic, no_smartwatch.", terms) == []  # not where a word starts
+    assert leak_terms_in("Two night  shifts\nin a row.", terms) == ["night shift"]  # any whitespace
+    assert leak_terms_in("Night-shift work, nightshift.", terms) == []  # a space is not a hyphen
+    assert leak_terms_in("Be patient.", terms, "How can I be more patient with my kids?") == []
+    assert leak_terms_in("Be patient, paramedic.", terms, "Patience?") == ["paramedic", "patient"]  # terms order
+    assert leak_terms_in("Sorry you lost   your job.", ["lost your job", "unemploy"]) == ["lost your job"]
+    assert leak_terms_in("Unemployment is hard.", ["lost your job", "unemploy"]) == ["unemploy"]
+    assert leak_terms_in("", terms) == []
+
+
+def test_copied_run_is_four_context_words_the_question_lacks():
+    ctx = "I'm a paramedic on night shifts. I read answers on my phone between calls."
+    assert copied_run("Read answers on my own time.", ctx) == "read answers on my"
+    assert copied_run("Answers on my desk.", ctx) is None  # 3 context words only
+    assert copied_run("ON MY PHONE, between meals", ctx) == "on my phone between"  # case and punctuation ignored
+    assert copied_run("I\u2019m a paramedic, on call", ctx) == "i'm a paramedic on"  # curly apostrophe
+    assert copied_run("Answers on my desk.", ctx, min_words=3) == "answers on my"
+    ctx2 = "I want to make my mornings calmer every day."
+    question = "How do I make my mornings calmer?"
+    assert copied_run("Make my mornings calmer by waking early.", ctx2, question) is None  # the question's words
+    assert copied_run("Make my mornings calmer every day.", ctx2, question) == "my mornings calmer every"
+    assert copied_run("", ctx) is None and copied_run("anything at all here", "") is None
+
+
+def test_collapsed_answers():
+    for text in ("", "   ", "... !", "yes yes yes yes yes yes yes yes",
+                 "I'm a paramedic. I'm a paramedic. I'm a paramedic."):
+        assert collapsed(text), text
+    for text in ("Yes.", "Pasta.", "Wake up early, stretch, and drink water before you check your phone.",
+                 "no no no"):  # short answers are not loops
+        assert not collapsed(text), text
+
+
+def test_style_options_in_system_names():
+    assert parse_options(["plausible0.1"]) == (("plausibility", 0.1), ("plausibility_mode", "mask"))
+    assert parse_options(["plausible1e-3-large", "clip2", "placebo", "ngram4"]) == (
+        ("plausibility", 0.001), ("plausibility_mode", "large"), ("delta_clip", 2.0), ("placebo", True),
+        ("ngram_guard", 4))
+    for bad in ("plausible", "clipx", "ngram-1", "topk5"):
+        with pytest.raises(ValueError, match="unknown style option"):
+            parse_options([bad])
+    with pytest.raises(ValueError, match="need a steered system"):
+        make_systems(["large_ctx+clip1"])
+    from dataclasses import fields
+
+    from costeer_processor.core import Variants
+
+    have = {f.name for f in fields(Variants)}
+    if not {"plausibility", "delta_clip", "placebo", "ngram_guard"} <= have:
+        with pytest.raises(ValueError, match="needs the Variants field"):
+            make_systems(["costeer+clip1"])
+        return
+    s, g = make_systems(["costeer+plausible0.1-large+clip1", "costeer_g3+placebo"])
+    assert s.name == "costeer+plausible0.1-large+clip1" and s.gain == make_systems(["costeer"])[0].gain
+    v = s.variants
+    assert (v.plausibility, v.plausibility_mode, v.delta_clip, v.placebo) == (0.1, "large", 1.0, False)
+    assert g.gain == 3.0 and g.variants.placebo and g.describe()["options"] == {"placebo": True}
+    with pytest.raises(ValueError, match="costeer\\+plausible2.*plausibility"):
+        make_systems(["costeer+plausible2"])
+
+
+def _gen(path: Path, outputs: dict) -> None:
+    path.write_text("".join(json.dumps({"id": i, "output": o, "n_tokens": max(1, len(o.split())), "ended": True,
+                                        "time_share_s": 0.1}) + "\n" for i, o in outputs.items()))
+
+
+def test_persona_report_is_exact_on_hand_written_answers(persona_files, tmp_path):
+    """Generations written by hand: nothing is left to generate, so no model loads and every number is known."""
+    prompts, personas = persona_files
+    out = tmp_path / "hand"
+    gen = out / "eval_hand_generations"
+    gen.mkdir(parents=True)
+    large = {"7": "Wake up early, stretch, and drink water before you check your phone.",
+             "3": "Try hiking: it is free and fun.", "9": "Pasta with tomatoes.",
+             "5": "Take a breath and count to ten; being patient is a skill."}  # the question says patient
+    _gen(gen / "preference__large.jsonl", large)  # shared by both personas
+    _gen(gen / "persona_medic__large_ctx.jsonl", {"7": "Stretch.", "3": "Hiking.", "9": "Pasta.", "5": "Breathe."})
+    _gen(gen / "persona_medic__costeer.jsonl", {
+        "7": "As a Paramedic, stretch between ambulance runs.",  # leak (2 terms)
+        "3": "Read answers on my phone between calls, then hike.",  # copied run
+        "9": "Night-shift pasta.",  # no leak: a hyphen is not a space
+        "5": "Patients are key: be patient."})  # the question contains "patient"
+    _gen(gen / "persona_low__large_ctx.jsonl", {"7": "You are wonderful and loved.", "3": "Painting brings joy!",
+                                                "9": "A warm, happy soup.", "5": "You are doing great."})
+    _gen(gen / "persona_low__costeer.jsonl", {
+        "7": "Sorry you lost your job; mornings get calmer.", "3": "Unemployment is hard, try painting.",
+        "9": "so so so so so so so so so so", "5": ""})  # two collapsed
+    summary = main(["--name", "hand", "--out", str(out), "--no-progress", "--tasks", "persona", "--personas",
+                    str(personas), "--prompts", str(prompts), "--persona-n", "4", "--systems", "large,large_ctx,costeer",
+                    "--sweep", "", "--throughput-batch-sizes", ""])
+    res = {(r["task"], r["system"]): r["metrics"] for r in summary["results"]}
+    medic, low = res[("persona/medic", "costeer")], res[("persona/low", "costeer")]
+    assert (medic["leaks"], medic["leak_rate"], medic["leak_terms"]) == (1, 0.25, {"paramedic": 1, "ambulance": 1})
+    assert (medic["copied_runs"], medic["copied_examples"]) == (1, ["read answers on my"])
+    assert medic["words_mean"] == 23 / 4 and res[("persona/medic", "large")]["words_mean"] == 34 / 4
+    assert medic["gap_closed"] == pytest.approx((23 / 4 - 34 / 4) / (1 - 34 / 4))
+    assert res[("persona/medic", "large")]["gap_closed"] == 0.0 and res[("persona/medic", "large_ctx")]["gap_closed"] == 1.0
+    assert (low["leaks"], low["leak_terms"], low["copied_runs"]) == (2, {"lost your job": 1, "unemploy": 1}, 0)
+    assert (low["collapsed"], low["collapsed_rate"]) == (2, 0.5)
+    s_low = [metrics.sentiment(t) for t in ("Sorry you lost your job; mornings get calmer.",
+                                            "Unemployment is hard, try painting.", "so so so so so so so so so so", "")]
+    s_large = [metrics.sentiment(t) for t in large.values()]
+    s_ctx = [metrics.sentiment(t) for t in ("You are wonderful and loved.", "Painting brings joy!", "A warm, happy soup.",
+                                            "You are doing great.")]
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    assert low["target"] == {"metric": "sentiment_mean", "better": "higher", "value": pytest.approx(mean(s_low))}
+    assert low["gap_closed"] == pytest.approx((mean(s_low) - mean(s_large)) / (mean(s_ctx) - mean(s_large)))
+    for system in ("large", "large_ctx"):  # baselines: no drift in these answers
+        assert all(res[(t, system)]["leaks"] == 0 for t in ("persona/medic", "persona/low"))
+    overview = {r["system"]: r for r in summary["persona"]}
+    assert overview["costeer"]["n"] == 8 and overview["costeer"]["personas"] == 2
+    assert (overview["costeer"]["leak_rate"], overview["costeer"]["copied_run_rate"],
+            overview["costeer"]["collapsed_rate"]) == (3 / 8, 1 / 8, 2 / 8)
+    assert overview["costeer"]["gap_closed_mean"] == pytest.approx(mean([medic["gap_closed"], low["gap_closed"]]))
+    assert overview["large"]["leak_rate"] == 0.0
+    md = (out / "eval_hand.md").read_text()
+    assert "## Persona: style, not topic (2 personas)" in md and "## persona/medic (n=4)" in md
+    assert "| costeer | 1.78 | 8 | " in md and "| 0.38 | 0.12 | 0.25 |" in md
+    assert "## Headline" not in md  # persona tasks have their own overview
+    png = out / "eval_hand_persona.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and str(png) in {str(Path(p).resolve()) for p in summary["plots"]}
+
+
+def test_persona_task_runs_end_to_end_on_tiny_models(persona_files, tmp_path):
+    prompts, personas = persona_files
+    out = tmp_path / "persona_quick"
+    systems = "small,small_ctx,large,large_ctx,costeer,costeer+plausible0.1"
+    summary = main(["--quick", "--out", str(out), "--no-progress", "--tasks", "preference,persona", "--prefs",
+                    "concise", "--n", "1", "--persona-n", "2", "--personas", str(personas), "--prompts", str(prompts),
+                    "--systems", systems, "--sweep", "", "--throughput-batch-sizes", ""])
+    gen = out / "eval_quick_generations"
+    # the shared context-free file holds the union of the ids the preference (1) and persona (2) tasks asked for
+    assert sorted(json.loads(line)["id"] for line in (gen / "preference__large.jsonl").read_text().splitlines()) == ["3", "7"]
+    rows = [r for r in summary["results"] if r["task"].startswith("persona/")]
+    assert {(r["task"], r["system"]) for r in rows} == {(f"persona/{p['persona']}", s)
+                                                       for p in PERSONAS for s in systems.split(",")}
+    for r in rows:
+        m = r["metrics"]
+        assert r["n"] == 2 and {"leak_rate", "copied_run_rate", "collapsed_rate", "gap_closed", "target"} <= set(m)
+        assert 0 <= m["leak_rate"] <= 1 and 0 <= m["copied_run_rate"] <= 1
+    assert summary["systems"]["costeer+plausible0.1"]["options"] == {"plausibility": 0.1, "plausibility_mode": "mask"}
+    assert [r["system"] for r in summary["persona"]] == systems.split(",")
+    md = (out / "eval_quick.md").read_text()
+    assert "## Persona: style, not topic (2 personas)" in md and "| costeer+plausible0.1 |" in md
+    for suffix in ("persona", "strength"):
+        assert (out / f"eval_quick_{suffix}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -105,29 +105,93 @@ def test_arguments_the_engine_refuses_end_the_request(small_model, tokenizer, lo
     assert only_eos(out[0], tokenizer.eos_token_id)
 
 
-def test_hf_fault_raises_and_the_next_call_equals_a_clean_run(large_model, small_model, tokenizer, monkeypatch):
+def _hf_inputs(tokenizer):
     tokenizer.padding_side = "left"
-    inputs = tokenizer.apply_chat_template([[{"role": "user", "content": u}] for u in USERS],
-                                           add_generation_prompt=True, padding=True, return_tensors="pt",
-                                           return_dict=True)
-    kw = dict(do_sample=False, max_new_tokens=6, min_new_tokens=6, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.apply_chat_template([[{"role": "user", "content": u}] for u in USERS],
+                                         add_generation_prompt=True, padding=True, return_tensors="pt",
+                                         return_dict=True)
+
+
+HF_KW = dict(do_sample=False, max_new_tokens=6, min_new_tokens=6)
+
+
+def test_hf_transient_fault_is_retried_row_by_row_and_equals_a_clean_run(large_model, small_model, tokenizer,
+                                                                          monkeypatch):
+    inputs = _hf_inputs(tokenizer)
     runner = SmallModelRunner(small_model, tokenizer)
     layer = small_model.model.layers[0]
     original, calls = layer.forward, []
 
     def flaky(*a, **k):
         calls.append(1)
-        if len(calls) == 3:  # fails in the middle of generate
+        if len(calls) == 3:  # the batched decode step in the middle of generate fails once
             raise RuntimeError("injected")
         return original(*a, **k)
 
     monkeypatch.setattr(layer, "forward", flaky)
-    with pytest.raises(RuntimeError, match="injected"):
-        large_model.generate(**inputs, logits_processor=LogitsProcessorList([CoSteerLogitsProcessor(runner, CONTEXTS)]),
-                             **kw)
+    proc = CoSteerLogitsProcessor(runner, CONTEXTS)
+    got = large_model.generate(**inputs, logits_processor=LogitsProcessorList([proc]),
+                               pad_token_id=tokenizer.pad_token_id, **HF_KW)
     monkeypatch.setattr(layer, "forward", original)
-    again = large_model.generate(**inputs, logits_processor=LogitsProcessorList(
-        [CoSteerLogitsProcessor(runner, CONTEXTS)]), **kw)
     clean = large_model.generate(**inputs, logits_processor=LogitsProcessorList(
-        [CoSteerLogitsProcessor(SmallModelRunner(small_model, tokenizer), CONTEXTS)]), **kw)
-    assert torch.equal(again, clean)
+        [CoSteerLogitsProcessor(SmallModelRunner(small_model, tokenizer), CONTEXTS)]),
+        pad_token_id=tokenizer.pad_token_id, **HF_KW)
+    assert len(calls) > 3 and torch.equal(got, clean) and proc.failures() == [None, None, None]
+
+
+def test_hf_persistent_fault_ends_that_row_only(large_model, small_model, tokenizer, monkeypatch):
+    inputs = _hf_inputs(tokenizer)
+    runner = SmallModelRunner(small_model, tokenizer)
+    proc = CoSteerLogitsProcessor(runner, CONTEXTS)
+    real_step = runner.step
+
+    def step(batch):
+        if any(key == proc.steerer.key(proc._slots[1]) for key, _ in batch):
+            raise RuntimeError("injected: row 1's small model always fails")
+        return real_step(batch)
+
+    monkeypatch.setattr(runner, "step", step)
+    got = large_model.generate(**inputs, logits_processor=LogitsProcessorList([proc]),
+                               pad_token_id=tokenizer.pad_token_id, **HF_KW)
+    clean = large_model.generate(**inputs, logits_processor=LogitsProcessorList(
+        [CoSteerLogitsProcessor(SmallModelRunner(small_model, tokenizer), CONTEXTS)]),
+        pad_token_id=tokenizer.pad_token_id, **HF_KW)
+    start = inputs["input_ids"].shape[1]
+    assert got[1, start] == tokenizer.eos_token_id  # ended at once: never an unsteered answer
+    assert "injected" in proc.failures()[1] and proc.failures()[0] is None
+    assert torch.equal(got[[0, 2]], clean[[0, 2]])  # the others as in a clean run
+    proc.release()
+    assert runner.kv_tokens == 0 and len(runner) == 0
+
+
+def test_nan_small_logits_end_the_request_with_a_reason(small_model, tokenizer, logits, monkeypatch):
+    engine, clean = make_engine(small_model, tokenizer), make_engine(small_model, tokenizer)
+    handles, ref_handles = open_all(engine, tokenizer), open_all(clean, tokenizer)
+    real_step = engine.runner.step
+
+    def step(batch):
+        z_with, z_without = real_step(batch)
+        for i, (key, _) in enumerate(batch):
+            if key == handles[2].key:
+                z_with[i] = float("nan")  # what a broken small model (or a poisoned cache) gives
+        return z_with, z_without
+
+    monkeypatch.setattr(engine.runner, "step", step)
+    out = step_all = engine.apply(logits.clone(), [0, 1, 2], handles, [[], [], []])
+    ref = clean.apply(logits.clone(), [0, 1, 2], ref_handles, [[], [], []])
+    assert only_eos(step_all[2], tokenizer.eos_token_id) and "not finite" in handles[2].failed
+    torch.testing.assert_close(out[:2], ref[:2])
+    assert handles[0].active and not handles[2].active
+
+
+def test_type_error_in_the_small_step_ends_those_requests_engine_alive(small_model, tokenizer, logits, monkeypatch):
+    engine = make_engine(small_model, tokenizer)
+    handles = open_all(engine, tokenizer)
+    monkeypatch.setattr(engine.runner, "step", lambda batch: (_ for _ in ()).throw(TypeError("version drift")))
+    out = engine.apply(logits.clone(), [0, 1, 2], handles, [[], [], []])
+    assert all(only_eos(row, tokenizer.eos_token_id) for row in out)
+    assert all("version drift" in h.failed for h in handles)
+    monkeypatch.undo()
+    fresh = open_all(engine, tokenizer)  # the engine still serves new requests
+    again = engine.apply(logits.clone(), [0, 1, 2], fresh, [[], [], []])
+    assert not any(only_eos(row, tokenizer.eos_token_id) for row in again)

@@ -5,6 +5,7 @@ import torch
 from transformers import LogitsProcessorList
 
 from costeer_processor import CoSteerConfig, SmallModelRunner, costeer_gain
+from costeer_processor.core import Variants
 from costeer_processor.hf import CoSteerLogitsProcessor
 
 SYSTEM = "You are a helpful assistant."
@@ -108,10 +109,10 @@ def test_sampling_runs_and_is_reproducible(large_model, tokenizer, runner, promp
 
 def test_gating_switches_rows_off_and_frees_the_small_model(large_model, tokenizer, runner, prompts, contexts):
     # threshold 0.999: every step counts as confident, so patience 1 switches rows off at once
-    proc = CoSteerLogitsProcessor(runner, contexts, gate_threshold=0.999, gate_patience=1)
+    proc = CoSteerLogitsProcessor(runner, contexts, variants=Variants(gate_threshold=0.999, gate_patience=1))
     assert torch.equal(generate(large_model, tokenizer, prompts, proc), generate(large_model, tokenizer, prompts))
     assert runner.cached_rows == 0 and runner.forward_count == 0
-    proc = CoSteerLogitsProcessor(runner, contexts, gate_threshold=0.999, gate_patience=3)
+    proc = CoSteerLogitsProcessor(runner, contexts, variants=Variants(gate_threshold=0.999, gate_patience=3))
     generate(large_model, tokenizer, prompts, proc)
     assert runner.cached_rows == 0 and runner.forward_count == 3  # prefill (2 forwards) + one decode step, then off
 
@@ -125,7 +126,7 @@ def test_eos_guard_stops_where_the_large_model_would(large_model, tokenizer, run
             scores = scores.clone()
             scores[:, eos] += 30.0
             return scores
-    proc = CoSteerLogitsProcessor(runner, contexts, CoSteerConfig(strength=50.0), eos_guard=0.5)
+    proc = CoSteerLogitsProcessor(runner, contexts, CoSteerConfig(strength=50.0), variants=Variants(eos_guard=0.5))
     out = large_model.generate(**inputs, max_new_tokens=4, do_sample=False,
                                logits_processor=LogitsProcessorList([Bias(), proc]))
     assert (out[:, inputs["input_ids"].shape[1]] == eos).all()
@@ -138,14 +139,14 @@ def test_eos_guard_stops_where_the_large_model_would(large_model, tokenizer, run
     (dict(contexts="abc"), TypeError, "not a single string"),
     (dict(contexts=["a", "b", "word " * 2000]), ValueError, "over the limit"),
     (dict(config=dict(T=0)), ValueError, r"T must be in \[1, "),
-    (dict(gate_patience=True), ValueError, "gate_patience must be an integer, got bool"),
-    (dict(gate_threshold=1.5), ValueError, "gate_threshold"),
-    (dict(gate_threshold="0.5"), ValueError, "gate_threshold must be a number"),
-    (dict(gate_threshold=float("nan")), ValueError, "gate_threshold"),
-    (dict(gate_patience=0), ValueError, "gate_patience"),
-    (dict(gate_patience=2.0), ValueError, "gate_patience"),
-    (dict(eos_guard=0.0), ValueError, "eos_guard"),
-    (dict(eos_guard=True), ValueError, "eos_guard must be a number"),
+    (dict(variants=dict(gate_patience=True)), ValueError, "gate_patience must be an integer, got bool"),
+    (dict(variants=dict(gate_threshold=1.5)), ValueError, "gate_threshold"),
+    (dict(variants=dict(gate_threshold="0.5")), ValueError, "gate_threshold must be a number"),
+    (dict(variants=dict(gate_threshold=float("nan"))), ValueError, "gate_threshold"),
+    (dict(variants=dict(gate_patience=0)), ValueError, "gate_patience"),
+    (dict(variants=dict(gate_patience=2.0)), ValueError, "gate_patience"),
+    (dict(variants=dict(eos_guard=0.0)), ValueError, "eos_guard"),
+    (dict(variants=dict(eos_guard=True)), ValueError, "eos_guard must be a number"),
     (dict(vocab_map="auto"), TypeError, "vocab_map must be a VocabularyMap"),
 ])
 def test_bad_arguments(runner, prompts, contexts, kwargs, exc, match):
@@ -156,6 +157,8 @@ def test_bad_arguments(runner, prompts, contexts, kwargs, exc, match):
         return
     args.update(kwargs)
     with pytest.raises(exc, match=match):
+        if "variants" in args:  # the options object refuses bad values itself, naming them
+            args["variants"] = Variants(**args["variants"])
         CoSteerLogitsProcessor(runner, **args)
 
 

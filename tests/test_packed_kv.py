@@ -8,7 +8,8 @@ import torch
 from transformers import DynamicCache, Qwen2Config
 
 from costeer_processor import SmallModelRunner
-from costeer_processor.packed_kv import PackedKV, PackedRows, _Step, check_supported, packed_attention
+from costeer_processor.packed_kv import (PackedKV, PackedRows, _Step, check_supported, packed_attention,
+                                         use_packed_attention)
 from costeer_processor.testing import build_tiny_model
 
 
@@ -118,3 +119,20 @@ def test_the_kernel_is_refused_outside_a_packed_step():
     q = torch.zeros(1, 2, 1, 4)
     with pytest.raises(TypeError, match="PackedRows.decode"):
         packed_attention(None, q, q, q)
+
+
+def test_the_packed_attention_is_selected_once_and_wraps_the_original(tokenizer):
+    model = build_tiny_model(tokenizer, seed=5)
+    ids = torch.tensor([[11, 12, 13, 14], [0, 0, 21, 22]])
+    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
+    with torch.no_grad():
+        before = model(input_ids=ids, attention_mask=mask).logits
+    assert use_packed_attention(model) == "costeer_packed:sdpa" == model.config._attn_implementation
+    SmallModelRunner(model, tokenizer)  # a second selection (another runner on the same model) changes nothing
+    assert model.config._attn_implementation == "costeer_packed:sdpa"
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, before)
+    flash = build_tiny_model(tokenizer, seed=5)
+    flash.config._attn_implementation_internal = "flash_attention_2"  # reads its own name at run time
+    with pytest.raises(ValueError, match="attn_implementation='sdpa'"):
+        SmallModelRunner(flash, tokenizer)

@@ -1,5 +1,6 @@
 """The small-model runner: batched branches, continuous batching, cache bookkeeping."""
 
+import pytest
 import torch
 
 from costeer_processor import SmallModelRunner
@@ -87,3 +88,18 @@ def test_splicer_positions(tokenizer, small_model):
     assert "<|im_start|>user\nMY CONTEXT\n\nWhat is tea?<|im_end|>" in before.splicer.splice(text, "MY CONTEXT")
     assert "<|im_start|>user\nWhat is tea?\nMY CONTEXT<|im_end|>" in after.splicer.splice(text, "MY CONTEXT")
     assert after.splicer.splice("raw text", "C") == "raw text\nC"
+
+
+def test_a_key_twice_in_one_batch_is_prefilled_once(small_model, tokenizer):
+    runner = SmallModelRunner(small_model, tokenizer)
+    w, wo = runner.encode_branches("Hi", "I like tea.")
+    runner.add("a", w, wo)
+    zw, _ = runner.step([("a", []), ("a", [])])
+    assert torch.equal(zw[0], zw[1]) and runner.cached_rows == 1 and runner.forward_count == 2
+    with pytest.raises(ValueError, match="twice"):
+        runner.step([("a", [5]), ("a", [5, 6])])
+    assert runner.forward_count == 2  # refused before anything ran
+    zw, _ = runner.step([("a", [5])])
+    torch.testing.assert_close(zw[0].float(), full_logits(small_model, w + [5]), atol=1e-4, rtol=1e-4)
+    runner.remove("a")
+    assert runner.stats()["kv_bytes"] == 0

@@ -28,6 +28,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessorList
 
 from costeer_processor import SmallModelRunner
+from costeer_processor.core import Variants
 from costeer_processor.hf import CoSteerLogitsProcessor
 from costeer_processor.split import (
     PROBE_TEXT,
@@ -37,6 +38,7 @@ from costeer_processor.split import (
     generate_split,
 )
 from costeer_processor.split.decode import RunnerGuard
+from costeer_processor.steering import Steerer
 from costeer_processor.testing import LoopbackProxy
 
 PROMPTS = ["Suggest a dinner recipe.", "Tell me about the history of tea.", "Write a story about a dragon."]
@@ -230,9 +232,9 @@ def test_fake_server_equals_hf_processor(pair, runner, fake, lookahead):
 
 def test_gated_generation_hands_off_to_one_stream(pair, runner, fake):
     # The random tiny model is never confident at 0.1, so gate generously to exercise the hand-off.
-    client = SplitCoSteerClient(fake.url, runner, gate_threshold=0.99, gate_patience=3, lookahead=1)
+    client = SplitCoSteerClient(fake.url, runner, variants=Variants(gate_threshold=0.99, gate_patience=3), lookahead=1)
     res = client.generate(PROMPTS[0], CONTEXTS[0], max_new_tokens=N_NEW)
-    assert res.token_ids == hf_reference(pair, runner, PROMPTS[0], CONTEXTS[0], gate_threshold=0.99, gate_patience=3)
+    assert res.token_ids == hf_reference(pair, runner, PROMPTS[0], CONTEXTS[0], variants=Variants(gate_threshold=0.99, gate_patience=3))
     assert res.handoff_at == 3 and res.steered_tokens == 2
     streams = [r for r in fake.requests if r["body"].get("stream")]
     assert len(streams) == 1 and res.round_trips == 3 + 1
@@ -294,9 +296,9 @@ def test_transient_errors_are_retried(pair, runner):
 
 def test_broken_stream_resumes_from_accepted_tokens(pair, runner):
     with FakeVLLM(pair[0], pair[2], break_stream_after=4) as f:
-        client = SplitCoSteerClient(f.url, runner, gate_threshold=0.99, lookahead=1, backoff=0.01)
+        client = SplitCoSteerClient(f.url, runner, variants=Variants(gate_threshold=0.99), lookahead=1, backoff=0.01)
         res = client.generate(PROMPTS[0], CONTEXTS[0], max_new_tokens=N_NEW)
-        ref = hf_reference(pair, runner, PROMPTS[0], CONTEXTS[0], gate_threshold=0.99)
+        ref = hf_reference(pair, runner, PROMPTS[0], CONTEXTS[0], variants=Variants(gate_threshold=0.99))
         assert res.token_ids == ref and res.retries == 1
         streams = [r["body"] for r in f.requests if r["body"].get("stream")]
         assert len(streams) == 2
@@ -412,12 +414,15 @@ def test_rows_released_inside_a_running_section_are_freed_when_it_ends(runner):
     removal in the middle of a runner call, the rows freed when the section ends."""
     guard = RunnerGuard.of(runner)
     assert RunnerGuard.of(runner) is guard  # one guard (one lock) per runner, whatever the client
-    with guard.hold() as r:
-        r.add("abandoned", *runner.encode_branches(PROMPTS[0], CONTEXTS[0]))
+    steerer = Steerer(runner, runner.tokenizer, [runner.tokenizer.eos_token_id])
+    prompt = runner.tokenizer(runner.splicer.render(PROMPTS[0]), add_special_tokens=False)["input_ids"]
+    slot = steerer.admit(steerer.request(prompt, CONTEXTS[0], gain=1.0))
     with guard.hold():
-        guard.release(["abandoned"])
-        assert "abandoned" in runner
-    assert "abandoned" not in runner and len(runner) == 0
+        steerer.small(torch.tensor([slot]), [[]])  # its rows are in the runner now
+    with guard.hold():
+        guard.release(steerer, [slot])
+        assert steerer.key(slot) in runner
+    assert steerer.stats()["slots"] == 0 and len(runner) == 0
 
 
 @pytest.mark.parametrize("restart_as,message", [
@@ -455,7 +460,8 @@ def test_split_feeds_the_small_model_what_the_hf_processor_feeds_it(pair, runner
     SplitCoSteerClient(fake.url, runner).generate(messages, CONTEXTS[0], max_new_tokens=2)
     monkeypatch.undo()
     input_ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")["input_ids"]
-    hf = CoSteerLogitsProcessor(runner, [CONTEXTS[0]])._branches_from_ids(input_ids)
+    proc = CoSteerLogitsProcessor(runner, [CONTEXTS[0]])
+    hf = [proc.steerer.request(row, CONTEXTS[0], gain=1.0).branches for row in input_ids.tolist()]
     assert added == [tuple(map(list, b)) for b in hf]
     assert (system is not None) == (tok.decode(added[0][1]).count("<|im_start|>system") == 1)  # nothing added
 
@@ -546,7 +552,7 @@ def test_privacy_check_catches_leaks(runner):
 def test_privacy_on_fake_server(runner, fake, secret):
     proxy = LoopbackProxy(fake.url)
     try:
-        client = SplitCoSteerClient(proxy.url, runner, gate_threshold=0.99)
+        client = SplitCoSteerClient(proxy.url, runner, variants=Variants(gate_threshold=0.99))
         client.generate(PROMPTS[0], secret, max_new_tokens=12)
         certified = SplitCoSteerClient(proxy.url, runner, top_logprobs=2, certify_levels=(16, -1))
         assert certified.generate(PROMPTS[0], secret, max_new_tokens=12).escalations > 0
@@ -620,10 +626,10 @@ def test_vllm_full_vocab_equals_hf_processor(pair, runner, vllm_url_server):
     client = SplitCoSteerClient(vllm_url_server.url, runner, top_logprobs=3, lookahead=2)
     assert [r.token_ids for r in client.generate_batch(PROMPTS, CONTEXTS, max_new_tokens=N_NEW)] == refs
     # gated: steering stops after 3 confident steps and the server finishes in one stream
-    client = SplitCoSteerClient(vllm_url_server.url, runner, gate_threshold=0.99, lookahead=1)
+    client = SplitCoSteerClient(vllm_url_server.url, runner, variants=Variants(gate_threshold=0.99), lookahead=1)
     res = client.generate(PROMPTS[0], CONTEXTS[0], max_new_tokens=N_NEW)
     assert res.handoff_at == 3
-    assert res.token_ids == hf_reference(pair, runner, PROMPTS[0], CONTEXTS[0], gate_threshold=0.99)
+    assert res.token_ids == hf_reference(pair, runner, PROMPTS[0], CONTEXTS[0], variants=Variants(gate_threshold=0.99))
 
 
 @pytest.mark.vllm
@@ -644,7 +650,7 @@ def test_vllm_privacy_through_recording_proxy(runner, vllm_url_server):
         certified = SplitCoSteerClient(proxy.url, runner, top_logprobs=2)  # with certificate requests
         certified.generate(PROMPTS[0], SECRET, max_new_tokens=N_NEW)
         client.generate_batch(PROMPTS[:2], [SECRET, CONTEXTS[1]], max_new_tokens=8)
-        gated = SplitCoSteerClient(proxy.url, runner, gate_threshold=0.99)  # includes a streaming hand-off
+        gated = SplitCoSteerClient(proxy.url, runner, variants=Variants(gate_threshold=0.99))  # includes a streaming hand-off
         "".join(gated.stream(PROMPTS[2], SECRET, max_new_tokens=N_NEW))
         certified.generate(PROMPTS[1], SECRET_UNICODE, max_new_tokens=N_NEW)
         "".join(gated.stream(PROMPTS[1], SECRET_UNICODE, max_new_tokens=N_NEW))

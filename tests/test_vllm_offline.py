@@ -17,6 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessorList
 
 from costeer_processor import SmallModelRunner
+from costeer_processor.core import Variants
 from costeer_processor.hf import CoSteerLogitsProcessor as HFProcessor
 
 SYSTEM = "You are a helpful assistant."
@@ -171,7 +172,7 @@ def test_steered_output_equals_the_hf_processor(steer_llm, tiny_pair_dirs, texts
     # per-request hyper-parameters and AdaCoSteer gating, as in the HF processor
     from costeer_processor import CoSteerConfig
 
-    want = hf(PROMPTS, CONTEXTS, config=CoSteerConfig(strength=3.0), gate_threshold=0.05, gate_patience=2)
+    want = hf(PROMPTS, CONTEXTS, config=CoSteerConfig(strength=3.0), variants=Variants(gate_threshold=0.05, gate_patience=2))
     got = ids(steer_llm.generate(texts, [greedy(n, c, min_tokens=n, extra={
         "costeer_strength": 3.0, "costeer_gate_threshold": 0.05, "costeer_gate_patience": 2}) for c in CONTEXTS],
         use_tqdm=False))

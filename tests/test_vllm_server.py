@@ -1,4 +1,7 @@
-"""CoSteer behind a real vLLM OpenAI server (multiprocess engine), driven with the ``openai`` client."""
+"""CoSteer behind a real vLLM OpenAI server (multiprocess engine), driven with the ``openai`` client.
+
+The server is started as ``costeer serve`` starts it (processor and HTTP middleware); the raw-JSON and
+streamed-refusal cases are in ``tests/test_vllm_http_input.py``."""
 
 from __future__ import annotations
 
@@ -19,10 +22,11 @@ CONTEXTS = [f"I love {t} and I answer in a warm, hopeful tone. Profile {i}." for
 @pytest.fixture(scope="module")
 def server(tiny_pair_dirs, tmp_path_factory):
     from costeer_processor.vllm import processor_fqcn
-    from costeer_processor.vllm_server import vllm_server
+    from costeer_processor.vllm_server import COSTEER_MIDDLEWARE, vllm_server
 
     large, small = tiny_pair_dirs
     args = ["--logits-processors", processor_fqcn(),  # the class for the runner this vLLM will use
+            "--middleware", COSTEER_MIDDLEWARE,  # as `costeer serve` starts it
             "--additional-config", json.dumps({"costeer": {"small_model": str(small), "max_context_tokens": 200}}),
             "--dtype", "float32", "--max-model-len", "256", "--max-num-seqs", "16", "--enforce-eager",
             "--served-model-name", "tiny", "--disable-log-stats"]
@@ -68,6 +72,9 @@ def test_steered_chat_completion(client):
     ({"costeer_context": ""}, "costeer_context is empty"),
     ({"costeer_context": "x", "costeer_eos_guard": 2.0}, "costeer_eos_guard"),
     ({"costeer_context": "word " * 600}, "over the limit of 200"),
+    ({"costeer_context": "x", "costeer_T": True}, "costeer_T must be an integer, got bool True"),  # not read as 1
+    ({"costeer_context": "x", "costeer_gate_patience": False}, "costeer_gate_patience must be an integer, got bool"),
+    ({"costeerContext": "x"}, "did you mean 'costeer_context'?"),  # not served unsteered
 ])
 def test_invalid_arguments_give_400_and_the_server_keeps_serving(client, xargs, needle):
     import openai

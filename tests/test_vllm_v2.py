@@ -360,3 +360,35 @@ def test_v2_validate_params_is_the_shared_one():
                                                                              "costeer_lam": 0}))
     CoSteerLogitsProcessorV2.validate_params(SimpleNamespace(extra_args={"unrelated": 1}))
     CoSteerLogitsProcessorV2.validate_params(SimpleNamespace(extra_args=None))
+
+
+def test_v2_prompt_embeddings_end_the_request(parts, tiny_pair_dirs):
+    """With prompt embeddings allowed, a prompt of 0 ids (vLLM's filler for embeddings) is ended, never steered
+    on a prompt it does not have; a request with real ids next to it is steered as usual."""
+    from costeer_processor.vllm import CoSteerLogitsProcessorV2
+
+    tok, model, _ = parts
+    cfg = fake_vllm_config(tiny_pair_dirs[0], {"small_model": str(tiny_pair_dirs[1])})
+    cfg.model_config.enable_prompt_embeds = True
+    r = Runner(lambda state: CoSteerLogitsProcessorV2(cfg, state), model)
+    embeds = make_request(tok, PROMPTS[0], CONTEXTS[0])
+    embeds["prompt"] = [0] * len(embeds["prompt"])
+    reqs = {0: embeds, 1: make_request(tok, PROMPTS[1], CONTEXTS[1])}
+    r.add(0, reqs[0])
+    r.add(1, reqs[1])
+    out, before, order = r.step([0, 1], reqs)
+    row0, row1 = order.index(0), order.index(1)
+    eos = r.proc.engine.steerer.end_token_id
+    assert out[row0, eos] == 0 and torch.isneginf(out[row0]).sum() == out.shape[1] - 1
+    assert "embeddings" in r.proc._slots[r.slot_of[0]].failed
+    assert not torch.equal(out[row1], before[row1]) and r.proc._slots[r.slot_of[1]].failed is None
+
+
+def test_v2_refuses_a_request_state_it_cannot_read(tiny_pair_dirs):
+    from costeer_processor.vllm import CoSteerLogitsProcessorV2
+
+    cfg = fake_vllm_config(tiny_pair_dirs[0], {"small_model": str(tiny_pair_dirs[1])})
+    state = SimpleNamespace(device=torch.device("cpu"), max_num_reqs=4, prompt_len=SimpleNamespace(np=None),
+                            prefill_len=SimpleNamespace(np=None), all_token_ids=SimpleNamespace())
+    with pytest.raises(ValueError, match=r"all_token_ids\.gpu"):
+        CoSteerLogitsProcessorV2(cfg, state)

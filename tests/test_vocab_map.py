@@ -7,6 +7,7 @@ import torch
 from transformers import LogitsProcessorList
 
 from costeer_processor import CoSteerConfig, SmallModelRunner, steer
+from costeer_processor.core import Variants
 from costeer_processor.hf import CoSteerLogitsProcessor
 from costeer_processor.testing import build_other_tokenizer, build_tiny_model
 from costeer_processor.vocab import ChatTemplateInverter, VocabularyMap
@@ -186,7 +187,7 @@ def test_vllm_v1_mapped_path_equals_the_hf_mapped_processor(mixed):
     # gating and the EOS guard ride along per request
     got = _v1_run(proc, large, large_tok, PROMPTS[1], CONTEXTS[1], n, costeer_gate_threshold=0.99,
                   costeer_gate_patience=2)
-    assert got == hf_mapped(mixed, PROMPTS[1], CONTEXTS[1], n, gate_threshold=0.99, gate_patience=2)
+    assert got == hf_mapped(mixed, PROMPTS[1], CONTEXTS[1], n, variants=Variants(gate_threshold=0.99, gate_patience=2))
 
 
 def test_vllm_v2_mapped_path_equals_the_hf_mapped_processor(mixed):
@@ -237,7 +238,7 @@ def test_vllm_vocab_map_setting_is_checked(mixed_pair_dirs, value, match):
 
 
 def test_vllm_unmapped_outputs_switch_requests_off_and_warn_once(mixed):
-    """A token the small model lacks (chosen while unsteered) switches its request off; one warning for all."""
+    """A token the small model lacks (chosen while unsteered) ends its request (fail closed), with the reason."""
     from test_vllm_offline import fake_vllm_config, make_request
     from vllm.v1.sample.logits_processor import BatchUpdate
 
@@ -253,9 +254,11 @@ def test_vllm_unmapped_outputs_switch_requests_off_and_warn_once(mixed):
     proc.update_state(BatchUpdate(batch_size=20, removed=[], moved=[],
                                   added=[(i, r["params"], r["prompt"], r["out"]) for i, r in enumerate(reqs)]))
     logits = torch.randn(20, large.config.vocab_size)
-    assert torch.equal(proc.apply(logits.clone()), logits)
+    out = proc.apply(logits.clone())
+    eos = proc.engine.steerer.end_token_id
+    assert (out[:, eos] == 0).all() and torch.isneginf(out).sum() == 20 * (out.shape[1] - 1)  # only EOS possible
     assert len(proc.steered_rows) == 20 and not any(h.active for h in proc.steered_rows.values())
-    assert proc.engine._warned == {"unmapped"} and proc.runner.cached_rows == 0
+    assert all("no counterpart" in h.failed for h in proc.steered_rows.values()) and proc.runner.cached_rows == 0
 
 
 @pytest.mark.vllm
@@ -317,11 +320,11 @@ def test_split_mode_with_two_tokenizer_families_equals_hf(mixed):
         assert [r.token_ids for r in cres] == [r.token_ids for r in res]
         assert all(r.uncertified == 0 for r in cres)
         # gating hands the rest to the server, whose ids need no mapping
-        gated = SplitCoSteerClient(fake.url, runner, large_tokenizer=large_tok, gate_threshold=0.99, gate_patience=3,
+        gated = SplitCoSteerClient(fake.url, runner, large_tokenizer=large_tok, variants=Variants(gate_threshold=0.99, gate_patience=3),
                                    lookahead=1).generate(convs[0], CONTEXTS[0], max_new_tokens=n)
         assert gated.handoff_at == 3
-        assert gated.token_ids == hf_mapped(mixed, PROMPTS[0], CONTEXTS[0], n, gate_threshold=0.99,
-                                            gate_patience=3)[:len(gated.token_ids)]
+        assert gated.token_ids == hf_mapped(mixed, PROMPTS[0], CONTEXTS[0], n,
+                                            variants=Variants(gate_threshold=0.99, gate_patience=3))[:len(gated.token_ids)]
         assert len(runner) == 0
         proxy = LoopbackProxy(fake.url)
         try:

@@ -199,8 +199,7 @@ def _generate_split(args, rows: list[dict], config) -> int:
     large_tokenizer = load_tokenizer(resolve(args, args.large)) if args.large else None
     say(args, f"small model loaded in {time.perf_counter() - t0:.1f} s ({small_dir}); large model: {args.server}")
     variants = variants_from_args(args)
-    client_kw = dict(top_logprobs=args.top_logprobs, eos_guard=variants.eos_guard, large_tokenizer=large_tokenizer,
-                     gate_threshold=variants.gate_threshold, gate_patience=variants.gate_patience)
+    client_kw = dict(top_logprobs=args.top_logprobs, variants=variants, large_tokenizer=large_tokenizer)
     client_kw.update({k: v for k, v in (("lookahead", args.lookahead), ("max_retries", args.retries)) if v is not None})
     sampling = dict(temperature=args.temperature, top_p=args.top_p, seed=args.seed if args.temperature > 0 else None)
     conversations = [with_system_prompt(r["prompt"]) for r in rows]  # what both models read

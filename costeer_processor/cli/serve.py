@@ -1,4 +1,9 @@
-"""``costeer serve``: the OpenAI-compatible vLLM server with the CoSteer processor (or plain, for split mode)."""
+"""``costeer serve``: the OpenAI-compatible vLLM server with the CoSteer processor (or plain, for split mode).
+
+With the processor it also installs :data:`~costeer_processor.vllm_server.COSTEER_MIDDLEWARE`, which
+refuses CoSteer arguments vLLM's request parsing would alter (a JSON ``true`` read as ``1``) and turns
+a streamed request's argument error into an HTTP 400 (:mod:`costeer_processor.vllm.middleware`).
+"""
 
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ from .common import PROG, UsageError, note_tokenizers, vllm_processor
 
 def serve_command(args) -> tuple[list[str], dict]:
     """The server's command line and the environment variables it needs (CPU defaults off a GPU)."""
-    from ..vllm_server import CPU_DEFAULTS, server_command
+    from ..vllm_server import COSTEER_MIDDLEWARE, CPU_DEFAULTS, server_command
 
     def where(name: str) -> Path:
         if args.dry_run and name.strip().lower() in PRESETS:
@@ -41,7 +46,8 @@ def serve_command(args) -> tuple[list[str], dict]:
             note_tokenizers(args, load_tokenizer(large_dir), load_tokenizer(small_dir))
         costeer = {"small_model": str(small_dir), "dtype": args.dtype}
         cmd = server_command(str(large_dir), [*common, "--logits-processors", vllm_processor(),
-                                              "--additional-config", json.dumps({"costeer": costeer}), *extra],
+                                              "--additional-config", json.dumps({"costeer": costeer}),
+                                              "--middleware", COSTEER_MIDDLEWARE, *extra],
                              host=args.host, port=args.port)
     import torch
 

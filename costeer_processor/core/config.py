@@ -42,6 +42,9 @@ __all__ = [
     "check_variants",
 ]
 
+PLAUSIBILITY_MODES = ("mask", "large")
+OPTION_FIELDS = ("plausibility", "plausibility_mode", "delta_clip", "placebo", "ngram_guard")
+MAX_NGRAM = 64
 MAX_GAIN = 1000.0  # |g| above this turns rows into one-hot noise (and overflows in bf16)
 MAX_T = 100_000
 
@@ -189,6 +192,19 @@ class Variants:
         eos_guard: in ``(0, 1]``; a row stops as soon as the large model's end-of-sequence
             probability exceeds it (``None`` = off).
 
+        plausibility: in ``(0, 1]``; steer only among the tokens the large model itself finds
+            plausible, ``p_L >= plausibility * max p_L`` (contrastive decoding's constraint; keeps a
+            persona's topic out of unrelated answers). ``None`` (default) = off.
+        plausibility_mode: ``"mask"`` (implausible tokens are impossible) or ``"large"`` (they keep
+            the large model's own probability); see :mod:`costeer_processor.core.style`.
+        delta_clip: ``> 0``; the delta is clamped to ``[-delta_clip, delta_clip]`` before the
+            update, so no single token can be pushed by more than ``g * delta_clip`` nats.
+        placebo: the without-context branch reads a neutral context of the same form and length
+            instead of none, so the delta no longer carries "a context is present".
+        ngram_guard: ``n >= 1``: a token that would complete a run of ``n`` consecutive tokens of
+            the private context absent from the public prompt is not chosen
+            (:class:`~costeer_processor.core.ngram.NgramGuard`); ``0`` (default) = off.
+
     :meth:`parse` is the lenient form for settings that come as JSON or flags, where ``0`` also
     means "off".
     """
@@ -196,6 +212,11 @@ class Variants:
     gate_threshold: Optional[float] = None
     gate_patience: int = 3
     eos_guard: Optional[float] = None
+    plausibility: Optional[float] = None
+    plausibility_mode: str = "mask"
+    delta_clip: Optional[float] = None
+    placebo: bool = False
+    ngram_guard: int = 0
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -205,13 +226,56 @@ class Variants:
         check_range("gate_patience", self.gate_patience, 1)
         set_(self, "eos_guard", _optional_fraction("eos_guard", self.eos_guard, high_open=False,
                                                    allow_zero_off=False))
+        set_(self, "plausibility", _optional_fraction("plausibility", self.plausibility, high_open=False,
+                                                      allow_zero_off=False))
+        if self.plausibility_mode not in PLAUSIBILITY_MODES:
+            raise ValueError(f"plausibility_mode must be one of {PLAUSIBILITY_MODES}, got {self.plausibility_mode!r}")
+        if self.delta_clip is not None:
+            set_(self, "delta_clip", number("delta_clip", self.delta_clip))
+            check_range("delta_clip", self.delta_clip, 0.0, None, low_open=True)
+        if not isinstance(self.placebo, bool):
+            raise ValueError(f"placebo must be True or False, got {type(self.placebo).__name__} {self.placebo!r}")
+        set_(self, "ngram_guard", number("ngram_guard", self.ngram_guard, integer=True, strict=True))
+        check_range("ngram_guard", self.ngram_guard, 0, MAX_NGRAM, hint=" (0 switches it off)")
+
+    @property
+    def steers_style(self) -> bool:
+        """Whether any option beyond the plain update is on (plausibility, clipping, placebo, guard)."""
+        return (self.plausibility is not None or self.delta_clip is not None or self.placebo
+                or self.ngram_guard > 0)
+
+    def replace(self, **changes) -> "Variants":
+        """A copy with some fields changed (validated again)."""
+        return replace(self, **changes)
 
     @classmethod
     def parse(cls, gate_threshold: Any = None, gate_patience: Any = None, eos_guard: Any = None, *,
-              prefix: str = "", defaults: Optional["Variants"] = None) -> "Variants":
+              prefix: str = "", defaults: Optional["Variants"] = None, **options: Any) -> "Variants":
         """Like the constructor, but ``0`` switches gating / the guard off, ``None`` keeps ``defaults``,
-        and error messages name ``prefix + field`` (e.g. ``costeer_gate_threshold``)."""
+        and error messages name ``prefix + field`` (e.g. ``costeer_gate_threshold``).
+
+        ``options``: the other fields (``plausibility``, ``delta_clip``, ``placebo``, ``ngram_guard``,
+        ``plausibility_mode``), by the same rules (``0`` = off; ``placebo`` also takes ``0``/``1``).
+        """
         base = defaults or cls()
+        unknown = set(options) - set(OPTION_FIELDS)
+        if unknown:
+            raise TypeError(f"unknown variant options {sorted(unknown)}; known: {list(OPTION_FIELDS)}")
+        changes = {}
+        for name, value in options.items():
+            if value is None:
+                continue
+            if name == "placebo" and not isinstance(value, bool) and value in (0, 1):
+                value = bool(value)
+            elif name in ("plausibility", "delta_clip") and not isinstance(value, bool) and value == 0:
+                value = None
+            elif name == "ngram_guard":
+                value = number(prefix + name, value, integer=True)
+            changes[name] = value
+        try:  # messages start with the field's name: prefixed, they name the argument the caller sent
+            base = replace(base, **changes)
+        except ValueError as e:
+            raise ValueError(f"{prefix}{e}") from None
         gate = (base.gate_threshold if gate_threshold is None else
                 _optional_fraction(prefix + "gate_threshold", gate_threshold, high_open=True, allow_zero_off=True))
         guard = (base.eos_guard if eos_guard is None else
@@ -220,7 +284,7 @@ class Variants:
         if gate_patience is not None:
             patience = number(prefix + "gate_patience", gate_patience, integer=True)
             check_range(prefix + "gate_patience", patience, 1)
-        return cls(gate, int(patience), guard)
+        return replace(base, gate_threshold=gate, gate_patience=int(patience), eos_guard=guard)
 
 
 def check_variants(gate_threshold: Optional[float], gate_patience: int, eos_guard: Optional[float]) -> Variants:

@@ -10,9 +10,10 @@ from typing import Sequence, Union
 
 import torch
 
+from .update import NEG_INF
+
 __all__ = ["top_probability", "eos_probability", "update_confidence_streak", "force_eos"]
 
-NEG_INF = float("-inf")
 
 
 def top_probability(llm_logits: torch.Tensor) -> torch.Tensor:

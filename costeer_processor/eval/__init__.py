@@ -1,4 +1,4 @@
-"""Evaluation harness: tasks (preference alignment, LaMP-style personalization), systems
+"""Evaluation harness: tasks (preference alignment, LaMP-style personalization, personas), systems
 (CoSteer and its baselines), metrics, and the ``benchmarks/eval.py`` command.
 
 Run ``python -m costeer_processor.eval --quick`` for a smoke run on tiny models; see
@@ -6,7 +6,7 @@ Run ``python -m costeer_processor.eval --quick`` for a smoke run on tiny models;
 """
 
 from .metrics import distinct_n, meteor, rouge_scores, sentiment, word_count
-from .tasks import Example, Task, longlamp_task, preference_context, preference_tasks, sotu_task
+from .tasks import Example, Task, longlamp_task, persona_tasks, preference_context, preference_tasks, sotu_task
 
 __all__ = [
     "Example",
@@ -15,6 +15,7 @@ __all__ = [
     "preference_context",
     "sotu_task",
     "longlamp_task",
+    "persona_tasks",
     "rouge_scores",
     "meteor",
     "sentiment",

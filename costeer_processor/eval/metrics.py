@@ -1,4 +1,5 @@
-"""Metrics: ROUGE-1/L, METEOR (only with a local WordNet), length, sentiment, distinct-n.
+"""Metrics: ROUGE-1/L, METEOR (only with a local WordNet), length, sentiment, distinct-n, and the
+persona task's leak terms, copied runs and collapsed answers.
 
 Everything runs offline. METEOR needs WordNet; it is used only when one is found locally
 (:func:`find_wordnet`), otherwise it is reported as ``None`` ("unavailable").
@@ -28,6 +29,10 @@ __all__ = [
     "find_wordnet",
     "install_wordnet_from_deb",
     "summary_stats",
+    "leak_terms_in",
+    "copied_run",
+    "collapsed",
+    "COPY_MIN_WORDS",
 ]
 
 _TOKEN = re.compile(r"\w+(?:'\w+)?|[^\w\s]")
@@ -89,6 +94,72 @@ def distinct_n(texts: Sequence[str] | str, n: int) -> float:
         total += len(grams)
         unique.update(grams)
     return len(unique) / total if total else 0.0
+
+
+# --------------------------------------------------------------------------- persona: topic drift
+COPY_MIN_WORDS = 4  # a copied run is at least this many consecutive words of the context
+_COPY_WORD = re.compile(r"\w+(?:'\w+)*")
+_APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'"})
+
+
+@lru_cache(maxsize=4096)
+def _term_pattern(term: str) -> re.Pattern:
+    # a word prefix: the term starts where a word starts; its spaces match any run of whitespace
+    body = r"\s+".join(re.escape(part) for part in term.translate(_APOSTROPHES).split())
+    return re.compile(r"(?<!\w)" + body, re.IGNORECASE)
+
+
+def _has_term(text: str, term: str) -> bool:
+    return _term_pattern(term).search(text.translate(_APOSTROPHES)) is not None
+
+
+def leak_terms_in(answer: str, terms: Sequence[str], question: str = "") -> list[str]:
+    """The leak terms the answer contains and the question does not (in ``terms`` order).
+
+    A term matches case-insensitively as a word prefix: where a word starts (no letter, digit or
+    ``_`` just before it), with any continuation (``"unemploy"`` matches "Unemployment",
+    ``"patient"`` matches "patients" but not "outpatient"); the spaces of a multi-word term match
+    any whitespace (``"night shift"`` matches "night  shifts"). A term the question itself
+    contains is not a leak (the answer may repeat the question's words).
+    """
+    return [t for t in terms if _has_term(answer, t) and not _has_term(question, t)]
+
+
+def _copy_words(text: str) -> list[str]:
+    return _COPY_WORD.findall(text.translate(_APOSTROPHES).lower())
+
+
+def copied_run(answer: str, context: str, question: str = "", min_words: int = COPY_MIN_WORDS) -> Optional[str]:
+    """The first run of ``min_words`` consecutive context words that the answer repeats and the
+    question does not contain, or ``None``.
+
+    Words are lower-cased runs of letters / digits / ``_`` (apostrophes inside kept: "I'm");
+    punctuation and whitespace between them do not count, so "phone, between calls" repeats
+    "phone between calls". A longer copied run always contains such a ``min_words`` run.
+    """
+    if min_words < 1:
+        raise ValueError(f"min_words must be >= 1, got {min_words}")
+
+    def grams(words):
+        return {tuple(words[i:i + min_words]) for i in range(len(words) - min_words + 1)}
+
+    ctx = _copy_words(context)
+    in_answer, in_question = grams(_copy_words(answer)), grams(_copy_words(question))
+    for i in range(len(ctx) - min_words + 1):
+        g = tuple(ctx[i:i + min_words])
+        if g in in_answer and g not in in_question:
+            return " ".join(g)
+    return None
+
+
+def collapsed(text: str, *, min_tokens: int = 8, min_distinct_2: float = 0.5) -> bool:
+    """A degenerate answer: no word at all, or at least ``min_tokens`` tokens (words and punctuation
+    marks, as for distinct-n) of which fewer than half the bigrams are distinct (a loop such as
+    "I'm a paramedic. I'm a paramedic. ..."), i.e. the answer's own distinct-2 < ``min_distinct_2``."""
+    toks = _ngram_tokens(text)
+    if not any(re.search(r"\w", t) for t in toks):
+        return True
+    return len(toks) >= min_tokens and distinct_n(text, 2) < min_distinct_2
 
 
 # --------------------------------------------------------------------------- METEOR

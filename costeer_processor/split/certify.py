@@ -11,6 +11,8 @@ win are exactly the ones the personal context boosts.
 Example (three ids, the server returned two; id 2's bound cannot reach the best score)::
 
     >>> import torch
+
+from ..core import NEG_INF
     >>> from costeer_processor.split.protocol import Vocab
     >>> vocab = Vocab(n_tokens=3, width=3)
     >>> cert = Certifier(gain=1.0, vocab=vocab, top_k=2, levels=(-1,))
@@ -37,7 +39,6 @@ from .transport import HTTPError
 __all__ = ["Certifier"]
 
 logger = logging.getLogger("costeer_processor.split")
-NEG_INF = float("-inf")
 
 
 class Certifier:

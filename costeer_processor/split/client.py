@@ -37,8 +37,8 @@ class SplitCoSteerClient:
             :mod:`~costeer_processor.split.decode`).
         adaptive_lookahead: start at 2 proposals, double while all are accepted, fall back to just
             past the last accepted one otherwise. ``False`` always asks for ``lookahead``.
-        gate_threshold, gate_patience, eos_guard: AdaCoSteer gating and the EOS guard
-            (:class:`~costeer_processor.core.Variants`; off by default). A gated request is
+        variants: :class:`~costeer_processor.core.Variants`: AdaCoSteer gating, the EOS guard, the
+            style options and the context n-gram guard (off by default). A gated request is
             finished by the server in one streaming request.
         eos_token_id: id(s) that end a generation (default:
             :func:`~costeer_processor.loading.eos_token_ids` of the served tokenizer).
@@ -71,8 +71,7 @@ class SplitCoSteerClient:
 
     def __init__(self, base_url: str, runner: SmallModelRunner, model: Optional[str] = None,
                  config: CoSteerConfig = CoSteerConfig(), *, top_logprobs: Optional[int] = None, lookahead: int = 4,
-                 gate_threshold: Optional[float] = None, gate_patience: int = Variants.gate_patience,
-                 eos_guard: Optional[float] = None, eos_token_id: Optional[Union[int, Sequence[int]]] = None,
+                 variants: Variants = Variants(), eos_token_id: Optional[Union[int, Sequence[int]]] = None,
                  timeout: float = 60.0, max_retries: int = RetryPolicy.max_retries,
                  backoff: float = RetryPolicy.backoff, backoff_max: float = RetryPolicy.backoff_max,
                  verify_tokenizer: bool = True, api_key: Optional[str] = None, headers: Optional[dict] = None,
@@ -91,7 +90,8 @@ class SplitCoSteerClient:
         levels = tuple(number("certify_levels", x, integer=True) for x in certify_levels)
         if any(x < 1 and x != -1 for x in levels):
             raise ValueError(f"certify_levels must be integers >= 1 or -1 (full vocabulary), got {certify_levels}")
-        variants = Variants(gate_threshold, gate_patience, eos_guard)
+        if not isinstance(variants, Variants):
+            raise TypeError(f"variants must be a Variants, got {type(variants).__name__}")
         retry = RetryPolicy(max_retries, backoff, backoff_max)
         self.runner, self.config = runner, config
 

@@ -13,37 +13,28 @@ The small-model runner is shared state: every runner call runs inside :meth:`Run
 one lock per runner shared by every client on it, taken per round (never across a ``yield`` to
 the caller, so an abandoned stream blocks nobody).
 
-Example (the sampling choice)::
-
-    >>> import torch
-    >>> scores = torch.log_softmax(torch.tensor([[0.0, 3.0, 1.0]]), -1)
-    >>> choose(scores, Sampling.make()).tolist()  # greedy
-    [1]
-    >>> choose(scores, Sampling.make(temperature=0.7, top_p=0.5, seed=0)).tolist()  # only id 1 is in the top 50 %
-    [1]
-    >>> Sampling.make(temperature=-1)
-    Traceback (most recent call last):
-    ...
-    ValueError: temperature must be in [0, inf], got -1.0
+The per-position choice is the :class:`~costeer_processor.steering.Steerer`'s (gating, the update,
+the guards, fail-closed ending), shared with every other adapter; tokens are picked by
+:func:`~costeer_processor.core.sampling.choose`.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import itertools
 import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Hashable, Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 
-from ..core import Variants, force_eos, steer, update_confidence_streak
-from ..core.config import check_range, number
-from ..prompts import ContextSplicer, PromptBridge, PromptLike
+from ..core import Variants
+from ..core.sampling import Sampling, choose
+from ..prompts import ContextSplicer, PromptLike
 from ..small_model import SmallModelRunner
+from ..steering import Steerer
 from ..vocab import VocabularyMap
 from .certify import Certifier
 from .protocol import Server
@@ -51,8 +42,6 @@ from .transport import SplitModeError
 
 __all__ = ["Counters", "SplitResult", "Sampling", "choose", "RunnerGuard", "Decoder"]
 
-NEG_INF = float("-inf")
-_KEYS = itertools.count()  # runner keys unique in the process, whatever client made them
 
 
 @dataclass(kw_only=True)
@@ -85,73 +74,40 @@ class SplitResult(Counters):
     Attributes:
         text: the generated text (special tokens skipped).
         token_ids: the generated ids (the stop token included when the answer ended with one).
-        finish_reason: ``"stop"`` (an end-of-sequence token) or ``"length"``.
+        finish_reason: ``"stop"`` (an end-of-sequence token), ``"length"``, or ``"error"`` (the
+            small model failed for this generation: it was ended there, never continued unsteered).
         prompt_tokens: length of the large model's prompt (ids sent to the server).
+        error: why the generation was ended (``finish_reason == "error"``), else ``None``.
     """
 
     text: str
     token_ids: list[int]
     finish_reason: str
     prompt_tokens: int
+    error: Optional[str] = None
 
 
 @dataclass(eq=False)
 class _Seq:
     index: int
-    key: Hashable
+    slot: int  # in the decoder's Steerer
     prompt_ids: list[int]
     max_new_tokens: int
     lookahead: int  # proposals to ask for next round (adaptive)
     counters: Counters = field(default_factory=Counters)
     generated: list[int] = field(default_factory=list)
     steering: bool = True
-    streak: int = 0
     done: bool = False
     finish_reason: Optional[str] = None
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """Greedy (``temperature=0``, the default) or sampling of the steered distribution."""
-
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: Optional[int] = None
-    generator: Optional[torch.Generator] = field(default=None, compare=False, repr=False)
-
-    @classmethod
-    def make(cls, temperature: float = 0.0, top_p: float = 1.0, seed: Optional[int] = None) -> "Sampling":
-        temperature, top_p = number("temperature", temperature), number("top_p", top_p)
-        check_range("temperature", temperature, 0.0)
-        check_range("top_p", top_p, 0.0, 1.0, low_open=True)
-        if seed is not None:
-            seed = number("seed", seed, integer=True)
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        return cls(temperature, top_p, seed, generator)
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature <= 0.0
-
-
-def choose(scores: torch.Tensor, sampling: Sampling) -> torch.Tensor:
-    """One id per row of ``scores``: the argmax, or a sample at ``temperature`` within ``top_p``."""
-    if sampling.greedy:
-        return scores.argmax(dim=-1)
-    logits = scores / sampling.temperature
-    if sampling.top_p < 1.0:
-        sorted_p, order = torch.softmax(logits, dim=-1).sort(dim=-1, descending=True)
-        drop_sorted = (sorted_p.cumsum(-1) - sorted_p) >= sampling.top_p  # keeps at least one token
-        logits = logits.masked_fill(torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted), NEG_INF)
-    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=sampling.generator).squeeze(-1)
+    error: Optional[str] = None
 
 
 class RunnerGuard:
     """The lock of one :class:`SmallModelRunner`, shared by every split client that uses it.
 
-    :meth:`release` never blocks: rows freed while another section runs (or while this very
+    :meth:`release` never blocks: slots freed while another section runs (or while this very
     thread runs one: a stream generator finalised by the garbage collector mid-round) are queued
-    and removed by whoever holds the lock, as it leaves; never in the middle of a runner call.
+    and released by whoever holds the lock, as it leaves; never in the middle of a runner call.
     """
 
     _guards: "weakref.WeakKeyDictionary[SmallModelRunner, RunnerGuard]" = weakref.WeakKeyDictionary()
@@ -160,7 +116,7 @@ class RunnerGuard:
     def __init__(self, runner: SmallModelRunner):
         self.runner = runner
         self._lock = threading.Lock()
-        self._pending: list[Hashable] = []
+        self._pending: list[tuple[Steerer, int]] = []
 
     @classmethod
     def of(cls, runner: SmallModelRunner) -> "RunnerGuard":
@@ -179,9 +135,9 @@ class RunnerGuard:
         finally:
             self._flush_if_free()  # what was queued while this section ran
 
-    def release(self, keys: Sequence[Hashable]) -> None:
-        """Frees these requests' rows: now if the runner is free, else when its current section ends."""
-        self._pending.extend(keys)
+    def release(self, steerer: Steerer, slots: Sequence[int]) -> None:
+        """Frees these slots (and their rows): now if the runner is free, else when its current section ends."""
+        self._pending.extend((steerer, slot) for slot in slots)
         self._flush_if_free()
 
     def _flush_if_free(self) -> None:
@@ -195,7 +151,8 @@ class RunnerGuard:
 
     def _flush(self) -> None:
         while self._pending:
-            self.runner.remove(self._pending.pop())
+            steerer, slot = self._pending.pop()
+            steerer.release(slot)
 
 
 class Decoder:
@@ -212,10 +169,9 @@ class Decoder:
         self.gain, self.variants, self.eos_token_ids = gain, variants, list(eos_token_ids)
         self.tokenizer, self.vocab_map, self.certifier = served_tokenizer, vocab_map, certifier
         self.lookahead, self.adaptive, self.overlap = lookahead, adaptive_lookahead, overlap
-        mapped = vocab_map is not None
-        self.large_splicer = ContextSplicer(served_tokenizer) if mapped else runner.splicer
-        # the large model's prompt ids -> the small model's text: the rule of costeer_processor.prompts
-        self.bridge = PromptBridge(served_tokenizer, runner.splicer, translate=mapped)
+        self.large_splicer = ContextSplicer(served_tokenizer) if vocab_map is not None else runner.splicer
+        # the per-position steering step shared with every adapter (gating, update, guards, fail closed)
+        self.steerer = Steerer(runner, served_tokenizer, eos_token_ids, vocab_map=vocab_map)
         self._handoff_pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="costeer-split-handoff")
 
     def close(self) -> None:
@@ -228,28 +184,27 @@ class Decoder:
 
     def start(self, prompts: Sequence[PromptLike], contexts: Sequence[str], max_new_tokens: int) -> list[_Seq]:
         """Encodes both branches of every row (the with-context ids never leave this device) and
-        registers them with the runner."""
+        gives each a steering slot (its small-model rows are prefilled at its first round)."""
         large_ids = [self.large_prompt_ids(p) for p in prompts]
-        branches = [self.runner.branch_ids_from_text(self.bridge(ids), c) for ids, c in zip(large_ids, contexts)]
+        # the salt also keys the local context cache
+        requests = [self.steerer.request(ids, c, gain=self.gain, variants=self.variants, salt=self.server.cache_salt)
+                    for ids, c in zip(large_ids, contexts)]
         self.server.connect()
         limit = self.server.max_model_len
         for i, ids in enumerate(large_ids):
             if limit is not None and len(ids) >= limit:
                 raise SplitModeError(f"prompt {i} is {len(ids)} tokens; the server's max_model_len is {limit}")
         first = min(2, self.lookahead) if self.adaptive else self.lookahead
-        seqs = [_Seq(i, ("split", next(_KEYS)), ids, max_new_tokens, first) for i, ids in enumerate(large_ids)]
-        with self.guard.hold() as runner:
-            for s, (with_ids, without_ids) in zip(seqs, branches):  # the salt also keys the local context cache
-                runner.add(s.key, with_ids, without_ids, salt=self.server.cache_salt)
-        return seqs
+        return [_Seq(i, self.steerer.admit(r), ids, max_new_tokens, first)
+                for i, (ids, r) in enumerate(zip(large_ids, requests))]
 
     def release(self, seqs: Sequence[_Seq]) -> None:
-        self.guard.release([s.key for s in seqs])
+        self.guard.release(self.steerer, [s.slot for s in seqs])
 
     def result(self, s: _Seq) -> SplitResult:
         return SplitResult(text=self.tokenizer.decode(s.generated, skip_special_tokens=True),
                            token_ids=list(s.generated), finish_reason=s.finish_reason or "length",
-                           prompt_tokens=len(s.prompt_ids), **asdict(s.counters))
+                           prompt_tokens=len(s.prompt_ids), error=s.error, **asdict(s.counters))
 
     def room(self, s: _Seq) -> int:
         room = s.max_new_tokens - len(s.generated)
@@ -263,10 +218,6 @@ class Decoder:
             s.done, s.finish_reason = True, "stop"
         elif self.room(s) <= 0:
             s.done, s.finish_reason = True, "length"
-
-    def _small_ids(self, generated: list[int]) -> list[int]:
-        """Generated (served-model) ids in the small model's vocabulary: what advances its branches."""
-        return generated if self.vocab_map is None else self.vocab_map.to_small(generated)
 
     def run(self, seqs: list[_Seq], sampling: Sampling, stream_handoff: bool) -> Iterator[tuple[int, int]]:
         """Drives the generations; yields ``(seq index, token id)`` for every accepted token.
@@ -304,23 +255,21 @@ class Decoder:
         if not self.overlap:
             concurrent.futures.wait([future])
         try:  # overlap: the small model's step for the same prefix runs while the server works
-            z_with, z_without = self.runner.step([(s.key, self._small_ids(s.generated)) for s in live])
+            z_with, z_without, verifying = self._small(live, list(range(len(live))))
         except BaseException:
             future.cancel()
             raise
         proposals = future.result()
         accepted: list[tuple[int, int]] = []
-        verifying = list(range(len(live)))
-        z_rows = {j: r for r, j in enumerate(verifying)}
         matched = [0] * len(live)
+        z_rows = {j: r for r, j in enumerate(verifying)}
         for i in range(m):
             rows = [j for j in verifying if i < len(proposals[j]) and not live[j].done]
+            if i > 0 and rows:
+                z_with, z_without, rows = self._small(live, rows)
+                z_rows = {j: r for r, j in enumerate(rows)}
             if not rows:
                 break
-            if i > 0:
-                z_with, z_without = self.runner.step([(live[j].key, self._small_ids(live[j].generated))
-                                                      for j in rows])
-                z_rows = {j: r for r, j in enumerate(rows)}
             sel = torch.tensor([z_rows[j] for j in rows])
             seqs = [live[j] for j in rows]
             chosen, gated = self._choose_step(seqs, [proposals[j][i][1] for j in rows],
@@ -330,8 +279,7 @@ class Decoder:
             for r, j in enumerate(rows):
                 s, tok = live[j], int(chosen[r])
                 if bool(gated[r]):
-                    s.steering = False
-                    self.runner.remove(s.key)
+                    s.steering = False  # the steerer switched it off and freed its small-model rows
                 self._accept(s, tok)
                 accepted.append((s.index, tok))
                 if s.done:
@@ -354,17 +302,22 @@ class Decoder:
                 s.lookahead = min(self.lookahead, 2 * s.lookahead if matched[j] >= m else matched[j] + 1)
         return accepted
 
+    def _small(self, live: list[_Seq], rows: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """Both branches' logits for ``live[j]``, ``j`` in ``rows``, in one batched step; returns them
+        with the rows they are for. A sequence the small model failed for is ended (``"error"``)."""
+        seqs = [live[j] for j in rows]
+        z_with, z_without, ok = self.steerer.small(torch.tensor([s.slot for s in seqs]), [s.generated for s in seqs])
+        for s, fine in zip(seqs, ok.tolist()):
+            if not fine:
+                s.done, s.finish_reason, s.error = True, "error", self.steerer.failure(s.slot)
+        return z_with, z_without, [j for j, fine in zip(rows, ok.tolist()) if fine]
+
     def _choose_step(self, seqs: list[_Seq], dicts: list[dict], zw: torch.Tensor, zo: torch.Tensor,
                      sampling: Sampling) -> tuple[torch.Tensor, torch.Tensor]:
-        """One position for these rows: gating, the certificate, steering, the EOS guard, the choice."""
+        """One position for these rows: gating, the certificate, the steering step, the choice."""
         large = self.server.vocab.rows(dicts)  # [n, W] (+ remainder column)
-        gated = torch.zeros(len(seqs), dtype=torch.bool)
-        v = self.variants
-        if v.gate_threshold is not None:
-            streak = update_confidence_streak(torch.tensor([s.streak for s in seqs]), large, v.gate_threshold)
-            gated = streak >= v.gate_patience
-            for s, n in zip(seqs, streak.tolist()):
-                s.streak = n
+        slots = torch.tensor([s.slot for s in seqs])
+        gated = ~self.steerer.gate(slots, large)
         certify = self.certifier is not None and sampling.greedy
         if certify:
             need = self.certifier.uncertain(large, zw, zo, gated)
@@ -372,13 +325,13 @@ class Decoder:
                 dicts = self.certifier.escalate(need, dicts, zw, zo, gated, self._fetch(seqs),
                                                 [s.counters for s in seqs])
                 large = self.server.vocab.rows(dicts)
-        lp = large[:, :-1]
-        # with two tokenizers: on the common tokens; the others are impossible while a row is steered
-        steered = (steer if self.vocab_map is None else self.vocab_map.steer)(lp, zw, zo, self.gain)
-        if v.eos_guard is not None:
-            pad = torch.full((steered.shape[0], 1), NEG_INF)
-            steered = force_eos(torch.cat([steered, pad], 1), large, self.eos_token_ids, v.eos_guard)[:, :-1]
-        chosen = choose(torch.where(gated[:, None], lp, steered), sampling)
+        scores = large[:, :-1].clone()
+        steered = (~gated).nonzero().flatten()
+        if steered.numel():  # with two tokenizers: on the common tokens; the others are impossible
+            scores[steered] = self.steerer.combine(scores[steered], slots[steered], zw[steered], zo[steered],
+                                                   [seqs[r].generated for r in steered.tolist()],
+                                                   eos_logits=large[steered])
+        chosen = choose(scores, sampling)
         topk_only = self.server.top_logprobs is not None and not certify
         for s, g in zip(seqs, gated.tolist()):
             if not g:

@@ -30,12 +30,13 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
+from ..core import NEG_INF
+
 from .transport import HTTPError, RetryPolicy, SplitModeError, Transport
 
 __all__ = ["PROBE_TEXT", "Vocab", "Server", "token_id", "proposal_body", "rank_body", "stream_body",
            "parse_proposals", "stream_token_ids", "explain"]
 
-NEG_INF = float("-inf")
 TOKEN_ID_PREFIX = "token_id:"
 #: Public text sent to ``/tokenize`` (inside the chat template) to check both sides share a tokenizer.
 PROBE_TEXT = "Tokenizer probe: The quick brown fox, 1234 + 5678 = 6912; naïve café ☕ — done.\n\tEnd."

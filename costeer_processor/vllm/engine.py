@@ -37,23 +37,21 @@ builds the same from the engine's settings)::
 
 from __future__ import annotations
 
-import contextlib
-import itertools
 import json
 import logging
 import os
 import time
 import weakref
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 
-from ..core import force_eos, steer, top_probability
+from ..core import Variants
 from ..loading import CoSteerModelError, check_same_tokenizer, eos_token_ids, load_model, load_tokenizer
-from ..prompts import PromptBridge
 from ..small_model import SmallModelRunner
+from ..steering import Steerer, torch_threads
 from ..vocab import VocabularyMap
 from .settings import SALT_ARG, EngineSettings, RequestArgs, costeer_items, parse_request_args, resolve_small_model, \
     settings_from_vllm_config
@@ -65,10 +63,7 @@ try:  # vLLM's logger tree, so messages show up formatted like the engine's own
 except ImportError:  # pragma: no cover - vLLM missing
     logger = logging.getLogger("costeer_processor.vllm")
 
-__all__ = ["Handle", "Parking", "SteeringEngine", "certainly_finished", "torch_threads"]
-
-_keys = itertools.count()
-
+__all__ = ["Handle", "Parking", "SteeringEngine", "certainly_finished"]
 
 def _ref(obj: Any) -> Callable[[], Any]:
     """A weak reference to ``obj`` where possible (SamplingParams allow it), else a strong one."""
@@ -82,6 +77,8 @@ def _ref(obj: Any) -> Callable[[], Any]:
 class Handle:
     """One steered request as the processor sees it (the adapters map rows / slots to handles).
 
+    Its steering state (gain, variants, AdaCoSteer streak, active, failure) lives in the engine's
+    :class:`~costeer_processor.steering.Steerer`, in ``slot`` (admitted once the prompt is known).
     ``params_ref`` reaches the request's SamplingParams without keeping them alive (their identity
     survives preemption inside the worker); ``seen`` is the number of output ids at the last step
     the request was steered (``-1``: none yet).
@@ -89,13 +86,10 @@ class Handle:
 
     args: Optional[RequestArgs]  # None only for a request whose arguments the engine refused (failed)
     params_ref: Callable[[], Any]
-    key: int = field(default_factory=lambda: next(_keys))
-    branches: Optional[tuple[list[int], list[int]]] = None
-    active: bool = True
-    streak: int = 0
-    in_runner: bool = False
+    steerer: Optional[Steerer] = None
+    slot: Optional[int] = None
     seen: int = -1
-    failed: Optional[str] = None  # why the request cannot be steered: it is ended at its next step
+    refused: Optional[str] = None  # why the request failed before it had a slot
     salt: Optional[str] = None  # the request's vLLM cache_salt (keys its context-cache entries)
 
     @property
@@ -107,8 +101,30 @@ class Handle:
         return self.params_ref() is params
 
     @property
+    def key(self):
+        """The request's key in the small-model runner (``None`` before admission)."""
+        return None if self.slot is None else self.steerer.key(self.slot)
+
+    @property
+    def failed(self) -> Optional[str]:
+        """Why the request cannot be steered (it is ended at its next step), or ``None``."""
+        return self.refused if self.slot is None else self.steerer.failure(self.slot)
+
+    @property
+    def active(self) -> bool:
+        return self.failed is None and (self.slot is None or self.steerer.is_active(self.slot))
+
+    @property
+    def streak(self) -> int:
+        return 0 if self.slot is None else self.steerer.streak(self.slot)
+
+    @property
+    def branches(self) -> Optional[tuple]:
+        return None if self.slot is None else tuple(self.steerer.request_of(self.slot).branches)
+
+    @property
     def needs_prompt(self) -> bool:
-        return self.active and self.branches is None and self.failed is None
+        return self.slot is None and self.refused is None
 
     @property
     def fresh(self) -> bool:
@@ -139,7 +155,8 @@ class Parking:
 
     LIMIT = 4096
 
-    def __init__(self) -> None:
+    def __init__(self, on_drop: Callable[[Handle], None] = lambda handle: None) -> None:
+        self.on_drop = on_drop  # called for every handle the parking lets go of without handing it back
         self._entries: OrderedDict[int, tuple[weakref.ref, list[Handle]]] = OrderedDict()
         self._dead: list[int] = []  # filled by weakref callbacks (any time, even mid-iteration); purged here
 
@@ -153,6 +170,8 @@ class Parking:
             entry = self._entries.get(key)
             if entry is not None and entry[0]() is None:
                 del self._entries[key]
+                for handle in entry[1]:
+                    self.on_drop(handle)
 
     def put(self, handle: Handle) -> bool:
         """Parks ``handle``; ``False`` when its request is gone or cannot be recognised when it comes back."""
@@ -167,7 +186,8 @@ class Parking:
         entry[1].append(handle)
         self._entries.move_to_end(key)
         while len(self._entries) > self.LIMIT:
-            self._entries.popitem(last=False)
+            for old in self._entries.popitem(last=False)[1][1]:
+                self.on_drop(old)
         return True
 
     def take(self, params: Any, generated: int, candidates: Iterable[Handle] = ()) -> Optional[Handle]:
@@ -187,27 +207,6 @@ class Parking:
         return best
 
 
-@contextlib.contextmanager
-def torch_threads(n: Optional[int]) -> Iterator[None]:
-    """Runs the block with ``n`` torch threads (vLLM's CPU worker stubs out torch.set_num_threads)."""
-    if not n or torch.get_num_threads() == n:
-        yield
-        return
-    setter = getattr(torch._C, "_set_num_threads", torch.set_num_threads)
-    old = torch.get_num_threads()
-    setter(n)
-    try:
-        yield
-    finally:
-        setter(old)
-
-
-# What a failing small-model step can raise (torch reports device and shape errors, out of memory
-# included, as RuntimeError). Caught so that one bad step leaves its requests unsteered instead of
-# taking down the engine and every other user's request with it.
-_STEP_ERRORS = (RuntimeError, ValueError, KeyError, IndexError)
-
-
 class SteeringEngine:
     """The small model, the large tokenizer and the steering step; one per vLLM processor instance.
 
@@ -225,20 +224,25 @@ class SteeringEngine:
         self.large_tokenizer = large_tokenizer
         self.runner = runner
         self.vocab_map = vocab_map
-        self.bridge = PromptBridge(large_tokenizer, runner.splicer, translate=vocab_map is not None)
-        self.eos_token_ids = sorted({int(t) for t in eos_token_ids if t is not None})
+        self.steerer = Steerer(runner, large_tokenizer, eos_token_ids, vocab_map=vocab_map, threads=settings.threads)
+        self.bridge = self.steerer.bridge
+        self.eos_token_ids = self.steerer.eos_token_ids
         self.threads = settings.threads
-        self.parking = Parking()
-        self._warned: set[str] = set()  # fixed reasons only: bounded
-        self.steps = 0  # apply calls that ran the small model (tests / benchmarks)
+        self.parking = Parking(on_drop=self._forget)
         # COSTEER_STATS_FILE: the runner's stats as JSON, rewritten at most once a second and whenever the
         # runner becomes empty (the soak benchmark and the server tests read it from outside the engine).
         self.stats_file = os.environ.get("COSTEER_STATS_FILE") or None
         self._stats_written = (0.0, -1)
 
+    @property
+    def steps(self) -> int:
+        """Batched small-model steps run (tests / benchmarks)."""
+        return self.steerer.small_steps
+
     def stats(self) -> dict:
         """The runner's stats plus the engine's own (steps, parked handles)."""
-        return {**self.runner.stats(), "steps": self.steps, "parked": len(self.parking)}
+        return {**self.runner.stats(), "steps": self.steps, "parked": len(self.parking),
+                "steering": self.steerer.stats()}
 
     def report(self) -> None:
         """Writes :meth:`stats` to ``COSTEER_STATS_FILE`` when due (no-op without that variable)."""
@@ -323,28 +327,38 @@ class SteeringEngine:
         try:
             args = parse_request_args(extra, self.settings)
         except ValueError as e:
-            handle = Handle(args=None, params_ref=_ref(params))
+            handle = Handle(args=None, params_ref=_ref(params), steerer=self.steerer)
             self.fail(handle, f"its CoSteer arguments were refused by the engine: {e}")
             return handle
         salt = extra.get(SALT_ARG)
-        handle = Handle(args=args, params_ref=_ref(params), salt=salt if isinstance(salt, str) else None)
+        handle = Handle(args=args, params_ref=_ref(params), steerer=self.steerer,
+                        salt=salt if isinstance(salt, str) else None)
         if prompt_ids is not None:
             self.set_prompt(handle, prompt_ids)
         return handle
 
     def set_prompt(self, handle: Handle, prompt_ids: Sequence[int]) -> None:
-        if handle.failed is not None:
+        """Admits the request into the steerer (the branch encoder validates it once, here)."""
+        if not handle.needs_prompt:
             return
+        args = handle.args
         try:
-            handle.branches = self.runner.branch_ids_from_text(self.bridge(prompt_ids), handle.args.context)
+            variants = Variants(args.gate_threshold, args.gate_patience, args.eos_guard)
+            request = self.steerer.request(prompt_ids, args.context, gain=args.gain, variants=variants,
+                                           salt=handle.salt)
         except ValueError as e:
             self.fail(handle, str(e))
+            return
+        handle.slot = self.steerer.admit(request)
 
     def fail(self, handle: Handle, reason: str) -> None:
         """Marks a request that cannot be steered: :meth:`apply` ends it (only EOS allowed)."""
-        logger.warning("CoSteer: a steered request cannot be steered and is ended now: %s", reason)
-        handle.failed = reason
-        self._switch_off(handle)
+        if handle.slot is not None:
+            self.steerer.fail(handle.slot, reason)
+        elif handle.refused is None:
+            logger.warning("CoSteer: a steered request cannot be steered and is ended now: %s", reason)
+            handle.refused = reason
+            self.steerer.ended += 1
 
     def close(self, handle: Handle, outputs: Optional[Sequence[int]] = None) -> None:
         """The request left the batch: its small-model rows are freed, its handle kept only if it may return.
@@ -353,31 +367,33 @@ class SteeringEngine:
         """
         self.suspend(handle)
         self.report()
-        if handle.fresh:
-            return
         params = handle.params
         if outputs is not None:
             n, last = len(outputs), (outputs[-1] if outputs else None)
         else:  # the token sampled at its last step is not visible (V2)
             n, last = handle.seen + 1, None
-        if params is not None and not certainly_finished(params, n, last):
-            self.parking.put(handle)
+        if (handle.fresh or params is None or certainly_finished(params, n, last)
+                or not self.parking.put(handle)):
+            self._forget(handle)
+
+    def _forget(self, handle: Handle) -> None:
+        """The request is gone for good: its steering slot is freed."""
+        if handle.slot is not None:
+            self.steerer.release(handle.slot)
+            handle.slot, handle.refused = None, handle.failed or "released"
 
     def suspend(self, handle: Handle) -> None:
         """Frees the small-model rows but keeps the handle (it re-prefills if it comes back)."""
-        if handle.in_runner:
-            self.runner.remove(handle.key)
-            handle.in_runner = False
-
-    def _switch_off(self, handle: Handle) -> None:
-        handle.active = False
-        self.suspend(handle)
+        if handle.slot is not None:
+            self.steerer.suspend(handle.slot)
 
     def warn_once(self, reason: str, msg: str, *args) -> None:
-        """Logs ``msg`` the first time ``reason`` occurs; reasons are fixed names (never per request): bounded."""
-        if reason not in self._warned:
-            self._warned.add(reason)
-            logger.warning(msg, *args)
+        """Logs ``msg`` the first time ``reason`` occurs (the steerer's bounded set of reasons)."""
+        self.steerer.warn_once(reason, msg, *args)
+
+    @property
+    def _warned(self) -> set[str]:
+        return self.steerer.warned
 
     # ------------------------------------------------------------------ the step
     @torch.inference_mode()
@@ -385,110 +401,17 @@ class SteeringEngine:
               outputs: Sequence[Sequence[int]]) -> torch.Tensor:
         """Steers ``logits[rows[i]]`` for ``handles[i]`` whose generated ids so far are ``outputs[i]``.
 
-        One batched small-model forward for all rows. Rows whose large logits hold NaN/+inf, whose
-        output list still holds -1 placeholders, or whose request was gated off are left as they are.
+        One :meth:`Steerer.step <costeer_processor.steering.Steerer.step>` for all rows: failed requests
+        are ended, gated ones left to the large model, the rest steered in one batched small-model step.
         """
-        failed = [r for r, h in zip(rows, handles) if h.failed is not None]
-        if failed:
-            self._end(logits, failed)
-        live = [(r, h, o) for r, h, o in zip(rows, handles, outputs) if h.active and h.branches is not None]
-        if not live:
-            return logits
-        dev = logits.device
-        index = torch.tensor([r for r, _, _ in live], device=dev, dtype=torch.long)
-        large = logits.index_select(0, index)
-        for _, h, out in live:
+        refused = [r for r, h in zip(rows, handles) if h.slot is None and h.refused is not None]
+        picked = [(r, h, o) for r, h, o in zip(rows, handles, outputs) if h.slot is not None]
+        for _, h, out in picked:
             h.seen = len(out)
-
-        # AdaCoSteer: u = 1 - max p; `patience` confident steps in a row switch a request off for good
-        # (checked before steering this step, as in the HF processor).
-        gated = [j for j, (_, h, _) in enumerate(live) if h.args.gate_threshold is not None]
-        if gated:
-            thr = torch.tensor([live[j][1].args.gate_threshold for j in gated], dtype=torch.float32, device=dev)
-            streak = torch.tensor([live[j][1].streak for j in gated], dtype=torch.long, device=dev)
-            confident = (1.0 - top_probability(large[gated])) < thr
-            for j, s in zip(gated, torch.where(confident, streak + 1, torch.zeros_like(streak)).tolist()):
-                h = live[j][1]
-                h.streak = s
-                if s >= h.args.gate_patience:
-                    self._switch_off(h)
-
-        bad_rows = (torch.isnan(large) | torch.isposinf(large)).any(dim=-1).tolist()
-        keep, small_outputs = [], []
-        for j, (r, h, out) in enumerate(live):
-            if not h.active:
-                continue
-            if bad_rows[j]:
-                self.warn_once("nonfinite", "CoSteer: large-model logits with NaN/+inf in a steered row; "
-                                "that row is left unsteered for the step (logged once)")
-                continue
-            if out and min(out) < 0:
-                self.warn_once("placeholder", "CoSteer: output ids still hold -1 placeholders (async "
-                                "scheduling); the row is left unsteered for that step (logged once)")
-                continue
-            if self.vocab_map is not None:
-                try:
-                    out = self.vocab_map.to_small(out)
-                except ValueError as e:  # an unsteered step chose a token the small model lacks
-                    self.warn_once("unmapped", "CoSteer: a request is switched off: %s (logged once)", e)
-                    self._switch_off(h)
-                    continue
-            keep.append(j)
-            small_outputs.append(out)
-        if not keep:
-            return logits
-        for j in list(keep):  # admission, one request at a time: one failure ends that request only
-            h = live[j][1]
-            if not h.in_runner:
-                try:
-                    self.runner.add(h.key, *h.branches, salt=h.salt)
-                    h.in_runner = True
-                except _STEP_ERRORS as e:
-                    self.fail(h, f"the small model could not admit it: {e}")
-                    self._end(logits, [live[j][0]])
-                    small_outputs.pop(keep.index(j))
-                    keep.remove(j)
-        if not keep:
-            return logits
-        chosen = [live[j][1] for j in keep]
-        try:
-            with torch_threads(self.threads):
-                z_with, z_without = self.runner.step([(h.key, out) for h, out in zip(chosen, small_outputs)])
-        except _STEP_ERRORS as e:
-            # The runner rolled its cache back; these requests cannot be steered now: end them.
-            logger.exception("CoSteer: the small model failed; the %d request(s) of this step are ended",
-                             len(chosen))
-            for h in chosen:
-                self.fail(h, f"the small model failed: {e}")
-            self._end(logits, [live[j][0] for j in keep])
-            return logits
-        self.steps += 1
-        sub_index = torch.tensor(keep, device=dev, dtype=torch.long)
-        large_kept = large.index_select(0, sub_index) if len(keep) != len(live) else large
-        gains = torch.tensor([h.args.gain for h in chosen], dtype=torch.float32, device=dev)
-        steer_fn = self.vocab_map.steer if self.vocab_map is not None else steer
-        steered = steer_fn(large_kept, z_with.to(dev), z_without.to(dev), gains)
-        steered = self._guard(steered, large_kept, [h.args.eos_guard for h in chosen])
-        logits.index_copy_(0, index.index_select(0, sub_index), steered.to(logits.dtype))
+        if refused:
+            self.steerer.end(logits, refused)
+        if picked:
+            self.steerer.step(logits, [r for r, _, _ in picked], [h.slot for _, h, _ in picked],
+                              [o for _, _, o in picked])
         self.report()
         return logits
-
-    def _end(self, logits: torch.Tensor, rows: Sequence[int]) -> None:
-        """Only end-of-sequence stays possible in ``rows``: the request finishes now (fail closed)."""
-        end_id = self.large_tokenizer.eos_token_id
-        if end_id is None:
-            if not self.eos_token_ids:
-                return
-            end_id = self.eos_token_ids[0]
-        index = torch.tensor(list(rows), device=logits.device, dtype=torch.long)
-        ended = torch.full((len(rows), logits.shape[1]), float("-inf"), dtype=logits.dtype, device=logits.device)
-        ended[:, end_id] = 0.0
-        logits.index_copy_(0, index, ended)
-
-    def _guard(self, steered: torch.Tensor, large: torch.Tensor, thresholds: list[Optional[float]]) -> torch.Tensor:
-        """The EOS guard, per row threshold (rows without one are left as they are)."""
-        if all(t is None for t in thresholds):
-            return steered
-        thr = torch.tensor([float("inf") if t is None else t for t in thresholds], dtype=torch.float32,
-                           device=steered.device)
-        return force_eos(steered, large, self.eos_token_ids, thr)

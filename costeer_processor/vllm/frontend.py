@@ -9,7 +9,10 @@ and whether the context fits the small model, counted exactly as the engine's
 tokenization without the model, fed through the same :class:`~costeer_processor.prompts.PromptBridge`.
 
 The hook receives only the SamplingParams; the engine settings and the prompt ids are read from
-the vLLM frame that calls it (:func:`caller_engine_context`). The check **fails closed**: with the
+the vLLM frame that calls it (:func:`caller_engine_context`; every read of vLLM internals lives in
+:mod:`~costeer_processor.vllm.compat`, checked at start-up). The request's ``cache_salt`` is handed to
+the engine for its small-model context cache; when it cannot be read, the request's cache entry is
+its own (:data:`UNSHARED_SALT`), never shared across tenants. The check **fails closed**: with the
 settings but no prompt ids it checks the context alone (the same rule, on what is known); when it
 cannot run at all for a steered request, the request is refused rather than admitted unchecked.
 A context that cannot fit whatever its tokens (a 20 MB paste) is refused before it is tokenised
@@ -32,22 +35,28 @@ Example (a tiny model saved on the spot; inside vLLM the config and prompt ids c
 
 from __future__ import annotations
 
-import inspect
 import threading
-from typing import Any, NamedTuple, Optional, Sequence
+import uuid
+from typing import Any, Optional, Sequence
 
 from ..kv_cache import ContextCache
 from ..loading import CoSteerModelError, load_tokenizer
 from ..prompts import ContextBudget, ContextSplicer, PromptBridge
 from ..small_model import SmallModelRunner
-from .settings import (SALT_ARG, EngineSettings, costeer_items, parse_request_args, resolve_small_model,
-                       settings_from_vllm_config)
+from . import compat
+from .compat import CallerContext
+from .settings import (SALT_ARG, EngineSettings, check_argument_names, costeer_items, parse_request_args,
+                       resolve_small_model, settings_from_vllm_config)
 
-__all__ = ["BranchBuilder", "CallerContext", "FrontendChecker", "caller_engine_context", "carry_cache_salt",
-           "check_request", "checker_for",
-           "validate_sampling_params"]
+__all__ = ["BranchBuilder", "CallerContext", "FrontendChecker", "UNSHARED_SALT", "caller_engine_context",
+           "carry_cache_salt", "check_request", "checker_for", "validate_sampling_params"]
 
 _CANNOT = "CoSteer cannot check costeer_context here"
+# The salt of a steered request whose cache_salt cannot be read (+ a random suffix): its small model's
+# context cache is its own, so two tenants never share it when vLLM's layout hides the real salt.
+UNSHARED_SALT = "costeer-unshared-"
+
+compat.startup_check()  # once per process, when vLLM loads the processor class: loud warnings, never silent
 
 
 class BranchBuilder:
@@ -124,67 +133,38 @@ def checker_for(settings: EngineSettings, vllm_config: Any) -> FrontendChecker:
     return checker
 
 
-class CallerContext(NamedTuple):
-    vllm_config: Any
-    prompt_ids: Optional[list[int]]
-    cache_salt: Optional[str]
-
-
 def caller_engine_context() -> CallerContext:
-    """(vllm_config, prompt token ids, cache_salt) of the vLLM frame validating this request;
+    """(vllm_config, prompt token ids, cache_salt, found) of the vLLM frame validating this request;
     ``None`` for what is not visible.
 
-    ``validate_params`` is a classmethod that receives only the SamplingParams; vLLM 0.32 calls it
-    from ``InputProcessor._validate_params`` inside ``InputProcessor.process_inputs(request_id,
-    prompt, params, ...)``, where ``self.vllm_config`` holds ``additional_config`` and ``prompt``
-    the already tokenized prompt. When that layout changes, :func:`validate_sampling_params`
-    checks what it still can, or refuses the request.
+    ``validate_params`` is a classmethod that receives only the SamplingParams; the rest is read
+    from vLLM's ``InputProcessor.process_inputs`` frame by :func:`.compat.caller_context` (the one
+    place that knows vLLM's layout, checked at start-up: :func:`.compat.startup_check`). When that
+    layout changes, :func:`validate_sampling_params` checks what it still can, or refuses the request.
     """
-    cfg, prompt_ids, salt = None, None, None
-    frame = inspect.currentframe()
-    try:
-        frame = frame.f_back if frame is not None else None
-        for _ in range(30):
-            if frame is None:
-                break
-            local = frame.f_locals
-            owner = local.get("self")
-            if cfg is None and owner is not None:
-                candidate = getattr(owner, "vllm_config", None)
-                if candidate is not None and hasattr(candidate, "model_config"):
-                    cfg = candidate
-            if prompt_ids is None and frame.f_code.co_name == "process_inputs":
-                prompt = local.get("prompt")
-                ids = prompt.get("prompt_token_ids") if isinstance(prompt, dict) else None
-                if isinstance(ids, list) and all(isinstance(t, int) for t in ids[:4]):
-                    prompt_ids = ids
-                    found = prompt.get("cache_salt")
-                    salt = found if isinstance(found, str) and found else None
-            if cfg is not None and prompt_ids is not None:
-                break
-            frame = frame.f_back
-    finally:
-        del frame
-    if cfg is None:
-        try:
-            from vllm.config import get_current_vllm_config_or_none
-        except ImportError:  # another vLLM layout: the caller decides what can still be checked
-            return CallerContext(None, prompt_ids, salt)
-        cfg = get_current_vllm_config_or_none()
-    return CallerContext(cfg, prompt_ids, salt)
+    return compat.caller_context(depth=2)
 
 
 def validate_sampling_params(sampling_params: Any) -> None:
     """The processors' ``validate_params``: free when the request carries no ``costeer_*`` key.
 
-    Raises ``ValueError`` (a 400) for bad arguments, a context that does not fit, or a steered
-    request whose context cannot be checked here.
+    Raises ``ValueError`` (a 400) for bad arguments, near misses of an argument's name
+    (``"Costeer_context"``: :func:`~.settings.near_miss_keys`), a context that does not fit, or a
+    steered request whose context cannot be checked here.
     """
     extra = getattr(sampling_params, "extra_args", None)
+    if not extra:
+        return
+    check_argument_names(extra)  # a misspelt costeer key would otherwise run unsteered
     if costeer_items(extra):
         caller = caller_engine_context()
         check_request(extra, caller.vllm_config, caller.prompt_ids)
-        carry_cache_salt(extra, caller.cache_salt)
+        if caller.found and compat.status()["cache_salt_readable"]:
+            carry_cache_salt(extra, caller.cache_salt)
+        else:  # the tenant is unknown: this request's context cache is its own (never shared)
+            if not caller.found:
+                compat.note_frame_missing()
+            carry_cache_salt(extra, UNSHARED_SALT + uuid.uuid4().hex)
 
 
 def carry_cache_salt(extra_args: dict, salt: Optional[str]) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import os
+import re
 from dataclasses import dataclass, fields
 from functools import cached_property
 from pathlib import Path
@@ -42,7 +43,9 @@ __all__ = [
     "ENGINE_KEYS",
     "EngineSettings",
     "RequestArgs",
+    "check_argument_names",
     "costeer_items",
+    "near_miss_keys",
     "parse_request_args",
     "settings_from_vllm_config",
     "resolve_small_model",
@@ -237,11 +240,54 @@ def _from_env(key: str, raw: str) -> Any:
     return int(value) if kind is int and value.is_integer() else value  # the settings check the rest
 
 
+def _folded(key: str) -> str:
+    """A key without case, spaces, ``_`` and ``-``: ``"Costeer-Context "`` -> ``"costeercontext"``."""
+    return re.sub(r"[\s_\-]+", "", key).lower()
+
+
 def _with_suggestion(key: str, known: Sequence[str]) -> str:
-    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
-    if not close:
-        close = [k for k in known if k.lower() == key.lower()]
-    return f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key)
+    """``repr(key)``, with ``(did you mean 'known_key'?)`` when one of ``known`` is close to it."""
+    folded = {_folded(k): k for k in known}  # case, spaces, '-' for '_', camelCase do not count
+    close = difflib.get_close_matches(_folded(key), list(folded), n=1, cutoff=0.6)
+    return f"{key!r} (did you mean {folded[close[0]]!r}?)" if close else repr(key)
+
+
+_FOLDED_PREFIX = _folded(ARG_PREFIX)
+_FOLDED_ARGS = [_folded(k) for k in REQUEST_ARGS]
+
+
+def near_miss_keys(extra_args: Optional[Mapping[str, Any]]) -> list[str]:
+    """Keys of ``extra_args`` that are meant as CoSteer arguments but are not spelt ``costeer_*``.
+
+    ``"Costeer_context"``, ``"costeer-context"``, ``"costeerContext"``, ``"COSTEER_CONTEXT"``,
+    ``" costeer_strength"``: every key whose case-, space-, ``_``- and ``-``-folded form starts with
+    ``costeer`` or is within one or two letters of an argument (``"coster_context"``). Other keys
+    (other processors' arguments) are not near a CoSteer argument and are left alone.
+
+        >>> near_miss_keys({"costeerContext": "x", "costeer_context": "y", "top_k_hint": 1})
+        ['costeerContext']
+    """
+    if not extra_args:
+        return []
+    out = []
+    for key in extra_args:
+        if not isinstance(key, str) or key.startswith(ARG_PREFIX) or key == SALT_ARG:
+            continue
+        folded = _folded(key)
+        if folded.startswith(_FOLDED_PREFIX) or (folded.startswith(_FOLDED_PREFIX[:2])
+                                                 and difflib.get_close_matches(folded, _FOLDED_ARGS, n=1, cutoff=0.85)):
+            out.append(key)
+    return out
+
+
+def check_argument_names(extra_args: Optional[Mapping[str, Any]]) -> None:
+    """Raises ``ValueError`` with a did-you-mean for :func:`near_miss_keys` (a request meant to be
+    steered would otherwise run unsteered)."""
+    near = near_miss_keys(extra_args)
+    if near:
+        raise ValueError("unknown CoSteer argument(s) " + ", ".join(_with_suggestion(k, REQUEST_ARGS) for k in near)
+                         + f"; CoSteer arguments are spelt exactly, lower case with underscores: "
+                         f"{', '.join(REQUEST_ARGS)}")
 
 
 def settings_from_vllm_config(vllm_config: Any) -> EngineSettings:
@@ -288,11 +334,13 @@ def parse_request_args(extra_args: Optional[Mapping[str, Any]],
                        defaults: EngineSettings = EngineSettings()) -> Optional[RequestArgs]:
     """Checks and resolves a request's ``costeer_*`` arguments; ``None`` when it is not steered.
 
-    Raises ``ValueError`` naming the argument for unknown ``costeer_*`` keys, wrong types
+    Raises ``ValueError`` naming the argument for unknown ``costeer_*`` keys and near misses
+    (``"Costeer_context"``, ``"costeer-context"``: :func:`near_miss_keys`), wrong types
     (booleans included), non-finite or out-of-range values, a gain over the serving limit, and
     a missing or empty ``costeer_context`` next to other ``costeer_*`` keys. (Whether the context
     fits the small model is the frontend's check, :mod:`costeer_processor.vllm.frontend`.)
     """
+    check_argument_names(extra_args)
     items = costeer_items(extra_args)
     if not items:
         return None

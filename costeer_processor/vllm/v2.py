@@ -33,6 +33,25 @@ if TYPE_CHECKING:
 __all__ = ["CoSteerLogitsProcessorV2"]
 
 
+# What this adapter reads of Model Runner V2's private request state (vllm/v1/worker/gpu/states.py,
+# RequestState.__init__ in vLLM 0.32) and of its LogitsContext. Checked once at start-up, so a vLLM
+# whose layout differs refuses to start the processor with a clear error instead of failing per step.
+_STATE_FIELDS = {"prompt_len": "np", "prefill_len": "np", "all_token_ids": "gpu"}
+
+
+def check_layout(req_states) -> None:
+    """Refuses a Model Runner V2 whose request state lacks what this adapter reads (version drift)."""
+    missing = [f"{name}.{attr}" for name, attr in _STATE_FIELDS.items()
+               if not hasattr(getattr(req_states, name, None), attr)]
+    missing += [name for name in ("max_num_reqs", "device") if not hasattr(req_states, name)]
+    if missing:
+        import vllm
+
+        raise ValueError(f"CoSteer (Model Runner V2): vLLM {vllm.__version__} has no {', '.join(missing)} in its "
+                         "request state; this adapter was written against vLLM 0.32 (use the V1 runner, or a "
+                         "matching costeer_processor)")
+
+
 class CoSteerLogitsProcessorV2(LogitsProcessor):
     """Model Runner V2 twin of :class:`~costeer_processor.vllm.CoSteerLogitsProcessor` (same settings)."""
 
@@ -42,7 +61,11 @@ class CoSteerLogitsProcessorV2(LogitsProcessor):
 
     def __init__(self, vllm_config, req_states: "LogitsProcRequestState"):
         self.req_states = req_states
+        # With prompt embeddings allowed, vLLM fills the prompt's token ids with 0 (vllm/v1/request.py,
+        # Request.__init__): such a prompt has no text to steer on, so the request is ended.
+        self.embeds = bool(getattr(getattr(vllm_config, "model_config", None), "enable_prompt_embeds", False))
         self.engine = SteeringEngine.from_vllm_config(vllm_config, req_states.device)
+        check_layout(req_states)
         self._slots: dict[int, Handle] = {}
         self._steered = np.zeros(int(req_states.max_num_reqs), dtype=bool)
         self._present = np.zeros_like(self._steered)  # steered slots that were in the last step's batch
@@ -116,7 +139,10 @@ class CoSteerLogitsProcessorV2(LogitsProcessor):
         outputs = []
         for handle, seq, p, n in zip(handles, tokens, pos.tolist(), prompt_len.tolist()):
             if handle.needs_prompt:
-                self.engine.set_prompt(handle, seq[:n])
+                if self.embeds and not any(seq[:n]):
+                    self.engine.fail(handle, "the prompt came as embeddings (no token ids to steer on)")
+                else:
+                    self.engine.set_prompt(handle, seq[:n])
             outputs.append(seq[n: p + 1])
         return self.engine.apply(logits, rows.tolist(), handles, outputs)
 
