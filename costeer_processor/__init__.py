@@ -16,6 +16,7 @@ from .core import CoSteerConfig, Variants, costeer_gain, ftrl_reference, steer
 from .loading import eos_token_ids
 from .prompts import DEFAULT_SYSTEM_PROMPT, ContextBudget, ContextSplicer, ContextTooLongError
 from .small_model import SmallModelRunner
+from .steering import Steerer, SteerRequest
 from .vocab import ChatTemplateInverter, VocabularyMap
 
 __version__ = "0.2.0"
@@ -23,6 +24,8 @@ __version__ = "0.2.0"
 __all__ = [
     "CoSteerConfig",
     "Variants",
+    "Steerer",
+    "SteerRequest",
     "costeer_gain",
     "steer",
     "ftrl_reference",

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from costeer_processor import cli
+from costeer_processor.loading import fast_dtype
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -280,7 +281,8 @@ def test_serve_dry_run_on_presets_installs_nothing(capsys, tmp_path, monkeypatch
     rc, out, err = run(["serve", "--large", "qwen2.5-coder-1.5b-instruct", "--small", "qwen2.5-coder-0.5b-instruct",
                         "--dry-run"], capsys)
     assert rc == 0
-    assert str(tmp_path / "models" / "qwen2.5-coder-1.5b-instruct-bfloat16") in out
+    dtype, why = fast_dtype()  # the default dtype follows the machine, and says so
+    assert str(tmp_path / "models" / f"qwen2.5-coder-1.5b-instruct-{dtype}") in out and why in err
     assert "costeer models install qwen2.5-coder-1.5b-instruct" in err
     assert not (tmp_path / "models").exists()
 

@@ -27,7 +27,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessorList
 
-from costeer_processor import SmallModelRunner
+from costeer_processor import CoSteerConfig, SmallModelRunner
 from costeer_processor.core import Variants
 from costeer_processor.hf import CoSteerLogitsProcessor
 from costeer_processor.split import (
@@ -688,3 +688,21 @@ def test_vllm_server_killed_and_restarted_mid_generation(pair, runner, vllm_url_
     assert res.retries >= 1
     assert res.token_ids == expected
     assert "".join(pieces) == res.text
+
+
+STYLE_OPTIONS = [Variants(ngram_guard=2), Variants(plausibility=0.05), Variants(plausibility=0.05, plausibility_mode="large"),
+                 Variants(delta_clip=0.5), Variants(placebo=True),
+                 Variants(ngram_guard=3, delta_clip=1.0, plausibility=0.1, eos_guard=0.9)]
+
+
+@pytest.mark.parametrize("variants", STYLE_OPTIONS, ids=lambda v: ",".join(
+    f"{k}={getattr(v, k)}" for k in ("ngram_guard", "plausibility", "plausibility_mode", "delta_clip", "placebo")
+    if getattr(v, k) not in (None, 0, False, "mask")) or "plain")
+def test_split_with_style_options_and_the_guard_equals_hf(pair, runner, fake, variants):
+    """Every option of the one steering step gives the same tokens in split mode as in the HF processor."""
+    config = CoSteerConfig(strength=4.0)
+    client = SplitCoSteerClient(fake.url, runner, config=config, variants=variants)
+    for p, c in zip(PROMPTS[:2], CONTEXTS[:2]):
+        got = client.generate(p, c, max_new_tokens=12).token_ids
+        assert got == hf_reference(pair, runner, p, c, 12, config=config, variants=variants)
+    assert len(runner) == 0

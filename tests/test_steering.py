@@ -159,3 +159,84 @@ def test_hf_cache_salt_separates_tenants(large_model, small_model, tokenizer):
     assert torch.equal(a, b) and torch.equal(a, c)  # the cache never changes outputs
     with pytest.raises(TypeError, match="cache_salt must be a string"):
         CoSteerLogitsProcessor(runner, context, cache_salt=3)
+
+
+# --------------------------------------------------------------------------- the options of the step
+def _copier(steerer, bonus=20.0):
+    """A small model that copies its context: the with-context branch puts ``bonus`` on the token that
+    continues the longest suffix of the history found in the context (the failure the n-gram guard stops)."""
+    runner = steerer.runner
+    real_step = runner.step
+    slot_of = {}
+
+    def step(batch):
+        z_with, z_without = real_step(batch)
+        z_with, z_without = torch.zeros_like(z_with), torch.zeros_like(z_without)
+        for i, (key, history) in enumerate(batch):
+            if key not in slot_of:
+                slot_of[key] = next(s for s in range(steerer._cap) if steerer._keys[s] == key)
+            context = list(steerer.request_of(slot_of[key]).context_ids)
+            nxt = context[0]
+            for n in range(min(len(history), len(context) - 1), 0, -1):
+                tail = list(history[-n:])
+                hits = [k + n for k in range(len(context) - n) if context[k:k + n] == tail]
+                if hits:
+                    nxt = context[hits[0]]
+                    break
+            z_with[i, nxt] = bonus
+        return z_with, z_without
+    return step
+
+
+def _ngrams(ids, n):
+    return {tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)}
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_the_ngram_guard_keeps_context_runs_out_of_the_output(large_model, small_model, tokenizer, monkeypatch, n):
+    context = "Zorblax Quentin lives at 42 Hazelmere Lane and is allergic to peanuts."
+    outputs = {}
+    for guard in (0, n):
+        runner = SmallModelRunner(small_model, tokenizer)
+        proc = CoSteerLogitsProcessor(runner, [context], variants=Variants(ngram_guard=guard))
+        # the guard needs the context's ids even when off: the copier reads them from the request
+        monkeypatch.setattr(Steerer, "request", _request_with_context_ids(Steerer.request))
+        monkeypatch.setattr(runner, "step", _copier(proc.steerer))
+        tokenizer.padding_side = "left"
+        enc = tokenizer.apply_chat_template([[{"role": "user", "content": USERS[0]}]], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)
+        out = large_model.generate(**enc, logits_processor=LogitsProcessorList([proc]), do_sample=False,
+                                   max_new_tokens=24, min_new_tokens=24, pad_token_id=tokenizer.pad_token_id)
+        prompt = enc["input_ids"][0].tolist()
+        outputs[guard] = (prompt, out[0, len(prompt):].tolist(), proc.steerer.slot_stats(proc._slots[0]))
+        monkeypatch.undo()
+    context_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
+    prompt, plain, _ = outputs[0]
+    private = _ngrams(context_ids, n) - _ngrams(prompt, n)
+    assert _ngrams(prompt[-(n - 1):] + plain, n) & private  # without the guard the copier leaks the context
+    prompt, guarded, stats = outputs[n]
+    assert not _ngrams(prompt[-(n - 1):] + guarded, n) & private  # with it: never a run of n context tokens
+    assert stats["guard_fired"] > 0
+
+
+def _request_with_context_ids(real):
+    def request(self, prompt_ids, context, **kw):
+        req = real(self, prompt_ids, context, **kw)
+        if not req.context_ids:
+            object.__setattr__(req, "context_ids", self.large_tokenizer(context, add_special_tokens=False)["input_ids"])
+        return req
+    return request
+
+
+@pytest.mark.parametrize("variants", [Variants(plausibility=0.2), Variants(plausibility=0.2, plausibility_mode="large"),
+                                      Variants(delta_clip=0.3), Variants(placebo=True), Variants(ngram_guard=1)])
+def test_each_option_changes_the_step_and_off_is_identical(small_model, tokenizer, variants):
+    plain, styled, off = (make(small_model, tokenizer) for _ in range(3))
+    logits = torch.randn(3, len(tokenizer), generator=torch.Generator().manual_seed(3)) * 2
+    out = {}
+    for name, steerer, v in (("plain", plain, Variants()), ("styled", styled, variants), ("off", off, Variants())):
+        slots = admit_all(steerer, tokenizer, 3, gain=3.0, variants=v)
+        out[name] = steerer.step(logits.clone(), [0, 1, 2], slots, [[], [], []])
+    assert torch.equal(out["plain"], out["off"])
+    assert not torch.equal(out["plain"], out["styled"])
+    assert not torch.isnan(out["styled"]).any()

@@ -18,7 +18,7 @@ import importlib
 import sys
 from typing import Optional, Sequence
 
-from ..loading import CoSteerModelError
+from ..loading import CoSteerModelError, fast_dtype
 from ..prompts import ContextTooLongError
 from .common import MODE_TITLES, MODES, PROG, UsageError
 from .parser import build_parser
@@ -30,6 +30,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Runs ``costeer ARGV``; returns the exit code (0 ok, 2 a user error, 130 interrupted)."""
     try:
         args = build_parser().parse_args(argv)
+        if getattr(args, "dtype", None) == "auto":  # printed, so every measurement names its dtype
+            device = getattr(args, "device", None)
+            args.dtype, why = fast_dtype(None if device in (None, "auto") else device)
+            print(f"{PROG}: dtype {args.dtype} ({why})", file=sys.stderr, flush=True)
         command = importlib.import_module(f".{args.command}", __name__)
         return int(command.run(args) or 0)
     except (UsageError, CoSteerModelError, ContextTooLongError) as e:

@@ -99,7 +99,8 @@ def _add_generate(sub) -> None:
     g.add_argument("--large", help=f"the large (cloud) model: {_MODEL_HELP} (with --server: optional, only its "
                                    "tokenizer is read, for a served model of another family than the small one)")
     g.add_argument("--small", help="the small (on-device) model holding the context (same kinds of names)")
-    g.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="weights dtype (default bfloat16)")
+    g.add_argument("--dtype", default="auto", choices=DTYPES + ("auto",),
+                   help="weights dtype (default auto: bfloat16 on a GPU or a CPU with native bf16, else float32)")
     src = g.add_mutually_exclusive_group()
     src.add_argument("--context", help="the personal context (stays with the small model)")
     src.add_argument("--context-file", type=Path, help="read the personal context from this file")
@@ -140,7 +141,8 @@ def _add_demo(sub) -> None:
                                                           "%(default)s)")
     d.add_argument("--small", default=DEFAULT_SMALL,
                    help="the small (on-device) model holding the context (default %(default)s)")
-    d.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="weights dtype (default bfloat16)")
+    d.add_argument("--dtype", default="auto", choices=DTYPES + ("auto",),
+                   help="weights dtype (default auto: bfloat16 on a GPU or a CPU with native bf16, else float32)")
     d.add_argument("--quick", action="store_true", help="tiny random-weight models (seconds; output is gibberish)")
     _add_steering_args(d)
     d.set_defaults(max_new_tokens=80)
@@ -153,7 +155,8 @@ def _add_serve(sub) -> None:
                                    'as extra_body={"vllm_xargs": {"costeer_context": "..."}}.')
     s.add_argument("--large", required=True, help=f"the large model served: {_MODEL_HELP}")
     s.add_argument("--small", help="the small model the CoSteer processor loads in the server (not with --split)")
-    s.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="weights dtype (default bfloat16)")
+    s.add_argument("--dtype", default="auto", choices=DTYPES + ("auto",),
+                   help="weights dtype (default auto: bfloat16 on a GPU or a CPU with native bf16, else float32)")
     s.add_argument("--split", action="store_true",
                    help="split mode: serve the large model alone (plain vLLM, full log-probs, prefix caching); "
                         "clients run 'costeer generate --server URL' with the small model and context locally")
