@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from costeer_processor.small_model import common_prefix_length  # noqa: E402
 from costeer_processor.eval.tasks import load_preference_prompts  # noqa: E402
+from costeer_processor.core import Variants  # noqa: E402
 from costeer_processor.hf import CoSteerLogitsProcessor  # noqa: E402
 from costeer_processor.loading import load_model  # noqa: E402
 from costeer_processor.split import SplitCoSteerClient, Transport, load_runner  # noqa: E402
@@ -118,7 +119,7 @@ def hf_speed(large, tok, runner, pairs, new_tokens, batch=1, gate=None):
     tokens, t0 = 0, time.perf_counter()
     for i in range(0, len(pairs), batch):
         chunk = pairs[i:i + batch]
-        proc = CoSteerLogitsProcessor(runner, [c for _, c in chunk], gate_threshold=gate)  # prompts: from input_ids
+        proc = CoSteerLogitsProcessor(runner, [c for _, c in chunk], variants=Variants(gate_threshold=gate))
         texts = [runner.splicer.render(p) for p, _ in chunk]
         enc = tok(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
         out = large.generate(**enc, logits_processor=LogitsProcessorList([proc]), do_sample=False,
@@ -174,7 +175,7 @@ SPLIT_CONFIGS = {  # name: (label, client options, batched?)
                         dict(lookahead=4, top_logprobs=20, adaptive_lookahead=False), False),
     "top100-la4": ("split top-100+cert, look-ahead <=4 (adaptive)", dict(lookahead=4, top_logprobs=100), False),
     "top20-la4-gate": ("split top-20+cert, look-ahead <=4, gate 0.1/3",
-                       dict(lookahead=4, top_logprobs=20, gate_threshold=0.1), False),
+                       dict(lookahead=4, top_logprobs=20, variants=Variants(gate_threshold=0.1)), False),
     "top20-la4-batch": ("split top-20+cert, look-ahead <=4, batch {b}", dict(lookahead=4, top_logprobs=20), True),
 }
 ALL_CONFIGS = ["hf", "hf-gate", "hf-batch", "server-alone", *SPLIT_CONFIGS]

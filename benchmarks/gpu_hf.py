@@ -37,6 +37,7 @@ from transformers import AutoModelForCausalLM, LogitsProcessorList, Qwen2Config
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from costeer_processor import SmallModelRunner, steer  # noqa: E402
 from costeer_processor.hf import CoSteerLogitsProcessor  # noqa: E402
+from costeer_processor.prompts import strip_left_padding  # noqa: E402
 from costeer_processor.testing import build_tiny_model, build_tiny_tokenizer  # noqa: E402
 
 # config.json of Qwen/Qwen2.5-7B-Instruct and Qwen/Qwen2.5-0.5B-Instruct (the fields that set the shapes)
@@ -112,7 +113,8 @@ def run_batch(b: int, large, small, tok, args) -> dict:
 
     # the small model's decode step alone: 2b rows after prefill
     proc = CoSteerLogitsProcessor(runner, [ctx] * b)
-    branches = proc._branches_from_ids(inputs["input_ids"].cpu())
+    branches = [proc.steerer.request(strip_left_padding(row, tok.pad_token_id), ctx, gain=1.0).branches
+                for row in inputs["input_ids"].cpu().tolist()]
     keys = [("bench", i) for i in range(b)]
     for k, (w, wo) in zip(keys, branches):
         runner.add(k, w, wo)

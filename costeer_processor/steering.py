@@ -304,7 +304,8 @@ class Steerer:
             if not bool(finite.all()):
                 self.warn_once("nonfinite", "CoSteer: large-model logits with NaN/+inf in a steered row; that row "
                                "is left as it is for the step (logged once)")
-            placed = torch.tensor([not outputs[j] or min(outputs[j]) >= 0 for j in live], dtype=torch.bool)
+            # vLLM's async scheduling leaves -1 where the newest id is not written yet (older ids are real)
+            placed = torch.tensor([not outputs[j] or outputs[j][-1] >= 0 for j in live], dtype=torch.bool)
             if not bool(placed.all()):
                 self.warn_once("placeholder", "CoSteer: output ids still hold -1 placeholders (async scheduling); "
                                "the row is left as it is for that step (logged once)")
@@ -449,9 +450,11 @@ class Steerer:
             if not rows.numel():
                 continue
             tails = torch.full((rows.numel(), n - 1), -1, dtype=torch.long)
-            for i, j in enumerate(rows.tolist()):
-                history = list(self._requests[int(slots[j])].public_ids) + list(histories[j])
-                tail = history[len(history) - (n - 1):] if n > 1 else []
+            for i, j in enumerate(rows.tolist()):  # the last n-1 ids of prompt + output (O(n) per row)
+                generated = list(histories[j][max(0, len(histories[j]) - (n - 1)):])
+                short = n - 1 - len(generated)
+                public = self._requests[int(slots[j])].public_ids
+                tail = list(public[max(0, len(public) - short):]) + generated if short > 0 else generated
                 if tail:
                     tails[i, n - 1 - len(tail):] = torch.tensor(tail)
             at = rows.to(steered.device)

@@ -244,8 +244,9 @@ def test_repository_paths_named_in_the_pages_exist():
                 continue
             for path in _expand_braces(word):
                 checked += 1
-                if not (ROOT / path).exists():
-                    missing.append(f"{page.relative_to(ROOT)}: `{path}`")
+                path, _, test = path.partition("::")  # `tests/x.py::test_name`: the test must exist too
+                if not (ROOT / path).exists() or (test and f"def {test}(" not in (ROOT / path).read_text()):
+                    missing.append(f"{page.relative_to(ROOT)}: `{path}{'::' + test if test else ''}`")
     assert checked > 20
     assert not missing, "named in the docs but not in the repository:\n" + "\n".join(missing)
 

@@ -27,7 +27,8 @@ def test_hf_reads_the_prompt_from_input_ids_like_the_given_messages(small_model,
     # a left-padded row reads the same
     padded = torch.cat([torch.full((1, 3), tokenizer.pad_token_id), ids], 1)
     proc = CoSteerLogitsProcessor(runner, ["I am vegan."])
-    from_ids = proc._branches_from_ids(padded)
+    proc(padded, torch.zeros(1, len(tokenizer)))  # the first call reads each row's prompt from input_ids
+    from_ids = [tuple(proc.steerer.request_of(proc._slots[0]).branches)]
     assert from_ids == [runner.encode_branches(messages, "I am vegan.")]
     with_ids, without_ids = from_ids[0]
     assert without_ids == ids[0].tolist()  # the small model reads the large model's conversation, nothing added

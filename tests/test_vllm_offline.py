@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessorList
 
-from costeer_processor import SmallModelRunner
+from costeer_processor import CoSteerConfig, SmallModelRunner
 from costeer_processor.core import Variants
 from costeer_processor.hf import CoSteerLogitsProcessor as HFProcessor
 
@@ -733,3 +733,33 @@ def test_frontend_refuses_a_huge_context_before_tokenising(frontend_cfg, tiny_pa
     monkeypatch.setattr(BranchBuilder, "encode_text", no_tokenising)
     with pytest.raises(ValueError, match="costeer_context: the context is 20,000,000 characters, .*over the limit"):
         _validate("x" * 20_000_000)
+
+
+VARIANT_ARGS = [dict(costeer_ngram_guard=2), dict(costeer_plausibility=0.05),
+                dict(costeer_plausibility=0.05, costeer_plausibility_mode="large"), dict(costeer_delta_clip=0.5),
+                dict(costeer_placebo=1), dict(costeer_ngram_guard=3, costeer_delta_clip=1.0, costeer_eos_guard=0.9)]
+
+
+@pytest.mark.parametrize("extra", VARIANT_ARGS, ids=lambda e: ",".join(f"{k[8:]}={v}" for k, v in e.items()))
+def test_v1_options_of_the_steering_step_equal_hf(v1_parts, tiny_pair_dirs, extra):
+    """Each option of the one steering step, as a per-request argument, gives the HF processor's tokens."""
+    from costeer_processor.vllm.settings import parse_request_args
+
+    tok, model, new_proc = v1_parts
+    n = 10
+    d = Driver(new_proc(), model)
+    r = make_request(tok, PROMPTS[0], CONTEXTS[0], costeer_strength=4.0, **extra)
+    d.rows = [r]
+    d.update(added=[(0, r["params"], r["prompt"], r["out"])])
+    for _ in range(n):
+        d.step()
+    variants = parse_request_args(r["params"].extra_args).variants
+    small = AutoModelForCausalLM.from_pretrained(str(tiny_pair_dirs[1]), dtype=torch.float32).eval()
+    proc = HFProcessor(SmallModelRunner(small, tok), [CONTEXTS[0]], CoSteerConfig(strength=4.0), variants=variants)
+    enc = tok([chat_text(tok, PROMPTS[0])], return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=n, do_sample=False, logits_processor=LogitsProcessorList([proc]),
+                             pad_token_id=tok.pad_token_id)
+    want = out[0, enc["input_ids"].shape[1]:].tolist()
+    got = r["out"][:len(want)]  # HF stops at EOS; the driver keeps stepping
+    assert got == want

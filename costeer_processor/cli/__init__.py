@@ -30,10 +30,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Runs ``costeer ARGV``; returns the exit code (0 ok, 2 a user error, 130 interrupted)."""
     try:
         args = build_parser().parse_args(argv)
-        if getattr(args, "dtype", None) == "auto":  # printed, so every measurement names its dtype
+        if getattr(args, "dtype", None) == "auto":  # the commands print it with the models (dtype_label)
             device = getattr(args, "device", None)
-            args.dtype, why = fast_dtype(None if device in (None, "auto") else device)
-            print(f"{PROG}: dtype {args.dtype} ({why})", file=sys.stderr, flush=True)
+            args.dtype, args.dtype_why = fast_dtype(None if device in (None, "auto") else device)
         command = importlib.import_module(f".{args.command}", __name__)
         return int(command.run(args) or 0)
     except (UsageError, CoSteerModelError, ContextTooLongError) as e:

@@ -44,6 +44,12 @@ MODES = {
 MODE_TITLES = {name: mode.title for name, mode in MODES.items()}
 
 
+def dtype_label(args) -> str:
+    """The weights dtype, with why it was chosen when the user left ``--dtype auto``."""
+    why = getattr(args, "dtype_why", None)
+    return args.dtype if why is None else f"{args.dtype}, chosen because {why}"
+
+
 def say(args, message: str) -> None:
     """A progress line on stderr (stdout carries only answers); silent with ``-q``."""
     if not getattr(args, "quiet", False):

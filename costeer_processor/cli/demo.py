@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from .common import MODES, config_from_args, device, note_tokenizers, quiet_transformers, resolve, say, variants_from_args
+from .common import MODES, config_from_args, device, dtype_label, note_tokenizers, quiet_transformers, resolve, say, variants_from_args
 
 DEMO_CASES = [
     {
@@ -58,7 +58,7 @@ def _models(args) -> tuple[Path, Path, str]:
         large_dir, small_dir = save_tiny_pair(root)
         say(args, f"--quick: tiny random-weight models in {root} (the text is gibberish; this checks the pipeline)")
         return large_dir, small_dir, "float32"
-    say(args, f"models: large {args.large}, small {args.small} ({args.dtype}); installing on first use ...")
+    say(args, f"models: large {args.large}, small {args.small} ({dtype_label(args)}); installing on first use ...")
     t0 = time.perf_counter()
     large_dir, small_dir = resolve(args, args.large), resolve(args, args.small)
     say(args, f"models ready in {time.perf_counter() - t0:.0f} s: {large_dir} | {small_dir}")

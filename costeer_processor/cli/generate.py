@@ -18,7 +18,7 @@ import time
 from contextlib import contextmanager
 from typing import Iterator
 
-from .common import (MODES, UsageError, config_from_args, device, note_tokenizers, quiet_transformers, read_context,
+from .common import (MODES, UsageError, config_from_args, device, dtype_label, note_tokenizers, quiet_transformers, read_context,
                      read_rows, resolve, say, variants_from_args, vllm_processor)
 
 
@@ -91,7 +91,7 @@ def _generate_hf(args, rows: list[dict], config) -> int:
     if mode.uses_context:  # before the large model is loaded: a context too long fails fast
         pair.check_contexts([r["prompt"] for r in rows], [r["context"] for r in rows], position=args.context_position)
     pair.load_model(mode.role)
-    say(args, f"models loaded in {time.perf_counter() - t0:.1f} s (large {large_dir}, small {small_dir}, {args.dtype})")
+    say(args, f"models loaded in {time.perf_counter() - t0:.1f} s (large {large_dir}, small {small_dir}, {dtype_label(args)})")
     run_kw = dict(with_context=mode.with_context, config=config if mode.steered else None,
                   variants=variants_from_args(args), max_new_tokens=args.max_new_tokens,
                   position=args.context_position, sampling=Sampling(args.temperature, args.top_p, args.seed))
@@ -163,7 +163,7 @@ def _generate_vllm(args, rows: list[dict], config) -> int:
         kwargs.update(logits_processors=[vllm_processor()], additional_config={"costeer": costeer_cfg})
     t0 = time.perf_counter()
     llm = LLM(**kwargs)
-    say(args, f"vLLM engine ready in {time.perf_counter() - t0:.1f} s")
+    say(args, f"vLLM engine ready in {time.perf_counter() - t0:.1f} s ({dtype_label(args)})")
     start = time.perf_counter()
     outputs = llm.generate(texts, params, use_tqdm=not args.quiet)
     seconds = time.perf_counter() - start
@@ -197,7 +197,8 @@ def _generate_split(args, rows: list[dict], config) -> int:
                               context_position=args.context_position)
     # the served model's tokenizer, for a pair of different families
     large_tokenizer = load_tokenizer(resolve(args, args.large)) if args.large else None
-    say(args, f"small model loaded in {time.perf_counter() - t0:.1f} s ({small_dir}); large model: {args.server}")
+    say(args, f"small model loaded in {time.perf_counter() - t0:.1f} s ({small_dir}, {dtype_label(args)}); "
+              f"large model: {args.server}")
     variants = variants_from_args(args)
     client_kw = dict(top_logprobs=args.top_logprobs, variants=variants, large_tokenizer=large_tokenizer)
     client_kw.update({k: v for k, v in (("lookahead", args.lookahead), ("max_retries", args.retries)) if v is not None})

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from ..models import PRESETS, is_installed, preset_model_dir, resolve_model
-from .common import PROG, UsageError, note_tokenizers, vllm_processor
+from .common import PROG, UsageError, dtype_label, note_tokenizers, vllm_processor
 
 
 def serve_command(args) -> tuple[list[str], dict]:
@@ -60,6 +60,7 @@ def run(args) -> int:
     if args.dry_run:
         prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
         print((prefix + " " if prefix else "") + shlex.join(cmd))
+        print(f"# dtype {dtype_label(args)}", file=sys.stderr)
         for name in (args.large, args.small):
             if name and name.strip().lower() in PRESETS and not is_installed(name, args.dtype):
                 print(f"# {name} is not installed yet: run 'costeer models install {name} --dtype {args.dtype}'",
@@ -67,7 +68,7 @@ def run(args) -> int:
         return 0
     from ..vllm_server import server_env
 
-    print(f"[{PROG}] {shlex.join(cmd)}", file=sys.stderr, flush=True)
+    print(f"[{PROG}] dtype {dtype_label(args)}: {shlex.join(cmd)}", file=sys.stderr, flush=True)
     try:
         os.execve(cmd[0], cmd, server_env(env))
     except OSError as e:

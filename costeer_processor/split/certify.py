@@ -32,6 +32,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from ..core import NEG_INF
 from ..vocab import VocabularyMap
 from .protocol import Vocab
 from .transport import HTTPError

@@ -44,11 +44,10 @@ import time
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 
-from ..core import Variants
 from ..loading import CoSteerModelError, check_same_tokenizer, eos_token_ids, load_model, load_tokenizer
 from ..small_model import SmallModelRunner
 from ..steering import Steerer, torch_threads
@@ -343,8 +342,7 @@ class SteeringEngine:
             return
         args = handle.args
         try:
-            variants = Variants(args.gate_threshold, args.gate_patience, args.eos_guard)
-            request = self.steerer.request(prompt_ids, args.context, gain=args.gain, variants=variants,
+            request = self.steerer.request(prompt_ids, args.context, gain=args.gain, variants=args.variants,
                                            salt=handle.salt)
         except ValueError as e:
             self.fail(handle, str(e))

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 from ..core import CoSteerConfig, Variants, check_range, number
+from ..core.config import OPTION_FIELDS
 from ..loading import CoSteerModelError, normalize_dtype
 from ..prompts import ContextSplicer
 
@@ -73,6 +74,12 @@ REQUEST_ARGS: dict[str, str] = {
     "costeer_gate_threshold": "float",
     "costeer_gate_patience": "int",
     "costeer_eos_guard": "float",
+    # the options of the steering step (core.config.Variants; off by default)
+    "costeer_plausibility": "float",
+    "costeer_plausibility_mode": "str",
+    "costeer_delta_clip": "float",
+    "costeer_placebo": "bool",
+    "costeer_ngram_guard": "int",
 }
 _HYPER = ("T", "alpha", "beta", "lam", "eta")
 
@@ -318,9 +325,12 @@ class RequestArgs:
 
     context: str
     gain: float
-    gate_threshold: Optional[float]
-    gate_patience: int
-    eos_guard: Optional[float]
+    variants: Variants
+
+    # the release's variants by name (the doctest above, older callers)
+    gate_threshold = property(lambda self: self.variants.gate_threshold)
+    gate_patience = property(lambda self: self.variants.gate_patience)
+    eos_guard = property(lambda self: self.variants.eos_guard)
 
 
 def costeer_items(extra_args: Optional[Mapping[str, Any]]) -> dict[str, Any]:
@@ -369,10 +379,10 @@ def parse_request_args(extra_args: Optional[Mapping[str, Any]],
     else:
         config, where = None, ""
     gain = defaults.default_gain if config is None else config.served_gain(where)
+    options = {name: items.get(ARG_PREFIX + name) for name in OPTION_FIELDS}
     variants = Variants.parse(items.get("costeer_gate_threshold"), items.get("costeer_gate_patience"),
-                              items.get("costeer_eos_guard"), prefix=ARG_PREFIX, defaults=defaults.variants)
-    return RequestArgs(context=context, gain=gain, gate_threshold=variants.gate_threshold,
-                       gate_patience=variants.gate_patience, eos_guard=variants.eos_guard)
+                              items.get("costeer_eos_guard"), prefix=ARG_PREFIX, defaults=defaults.variants, **options)
+    return RequestArgs(context=context, gain=gain, variants=variants)
 
 
 def _request_config(**values) -> CoSteerConfig:
