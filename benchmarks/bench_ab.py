@@ -9,7 +9,8 @@ where they are, with the load average before every run.
 
     python benchmarks/bench_ab.py --base f2b9c2d --rounds 2 -- bench_hf.py --large qwen2.5-coder-1.5b-instruct \\
         --small qwen2.5-coder-0.5b-instruct --batch-sizes 1 8 --new-tokens 32 --repeats 2 --loop-batches
-    python benchmarks/bench_ab.py --base f2b9c2d --quick -- bench_update.py --rows 16 --repeats 10
+    python benchmarks/bench_ab.py --base f2b9c2d bench_update.py -- --rows 16 --repeats 10 \
+        --out benchmarks/results/bench_update_{tag}.json
 """
 
 from __future__ import annotations
@@ -45,7 +46,10 @@ def run(tree: Path, script: str, args: list[str], tag: str, timeout: float) -> d
     before = {p: p.stat().st_mtime for p in results.glob("*.json")} if results.exists() else {}
     load = os.getloadavg()
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(tree / "benchmarks" / script), *args, "--tag", tag], cwd=tree, env=env,
+    # "{tag}" in the arguments is replaced (e.g. an --out path); otherwise the script gets --tag
+    argv = [x.replace("{tag}", tag) for x in args] if any("{tag}" in x for x in args) else [*args, "--tag", tag]
+    results.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run([sys.executable, str(tree / "benchmarks" / script), *argv], cwd=tree, env=env,
                           capture_output=True, text=True, timeout=timeout)
     seconds = time.perf_counter() - start
     if proc.returncode != 0:

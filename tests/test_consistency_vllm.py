@@ -49,7 +49,8 @@ def test_vllm_engine_and_frontend_build_the_hf_processors_branches(tokenizers, p
     input_ids = large_tok.apply_chat_template(CHATS[chat], add_generation_prompt=True)["input_ids"]
 
     hf = CoSteerLogitsProcessor(runner, [CONTEXT], vocab_map=vmap, large_tokenizer=large_tok)
-    want = hf._branches_from_ids(torch.tensor([input_ids]))
+    hf(torch.tensor([input_ids]), torch.zeros(1, len(large_tok)))  # its first call reads the prompt from input_ids
+    want = [tuple(hf.steerer.request_of(hf._slots[0]).branches)]
 
     settings = EngineSettings(context_position=position)
     engine = SteeringEngine(settings, large_tok, runner, [large_tok.eos_token_id], vmap)
