@@ -104,6 +104,65 @@ class SteerRequest:
     public_ids: Sequence[int] = ()
 
 
+class SlotTable:
+    """Per-request steering state in preallocated tensors, one entry ("slot") per admitted request.
+
+    As vLLM's built-in processors keep theirs: a step reads its rows' values with one index per
+    tensor; the tables double when full (amortised) and a freed slot is reused by the next request.
+    """
+
+    FLOAT = {"gain": 0.0, "gate": float("inf"), "eos": float("inf"), "plaus": 0.0, "clip": float("inf")}
+    LONG = {"patience": 1, "streak": 0, "ngram": 0, "steered": 0}
+    BOOL = {"active": False, "in_runner": False, "used": False}
+
+    def __init__(self) -> None:
+        self.cap = 0
+        self.keys: list = []  # the runner key of each slot
+        self.requests: list[Optional[SteerRequest]] = []
+        self.failed: list[Optional[str]] = []  # why a slot's request was ended
+        self.grow(8)
+
+    def grow(self, need: int) -> None:
+        if need <= self.cap:
+            return
+        old, cap = self.cap, max(need, 2 * self.cap)
+        for table, dtype in ((self.FLOAT, torch.float32), (self.LONG, torch.long), (self.BOOL, torch.bool)):
+            for name, fill in table.items():
+                t = torch.full((cap,), fill, dtype=dtype)
+                if old:
+                    t[:old] = getattr(self, name)
+                setattr(self, name, t)
+        for column in (self.keys, self.requests, self.failed):
+            column += [None] * (cap - old)
+        self.cap = cap
+
+    def take(self, request: SteerRequest, key: Hashable) -> int:
+        """A free slot filled with the request's settings (unset options take their "off" value)."""
+        free = (~self.used).nonzero()
+        if not free.numel():
+            self.grow(self.cap + 1)
+            free = (~self.used).nonzero()
+        slot = int(free[0])
+        v = request.variants
+        values = {"gain": request.gain, "gate": v.gate_threshold, "eos": v.eos_guard, "plaus": v.plausibility,
+                  "clip": v.delta_clip, "patience": v.gate_patience, "streak": 0, "ngram": v.ngram_guard,
+                  "steered": 0, "active": True, "in_runner": False, "used": True}
+        for name, value in values.items():
+            getattr(self, name)[slot] = self._off(name) if value is None else value
+        self.keys[slot], self.requests[slot], self.failed[slot] = key, request, None
+        return slot
+
+    def free(self, slot: int) -> None:
+        self.used[slot] = False
+        self.keys[slot] = self.requests[slot] = self.failed[slot] = None
+
+    def _off(self, name: str):
+        for table in (self.FLOAT, self.LONG, self.BOOL):
+            if name in table:
+                return table[name]
+        raise KeyError(name)
+
+
 class Steerer:
     """The single steering step over a :class:`~costeer_processor.SmallModelRunner`.
 
@@ -131,35 +190,10 @@ class Steerer:
             self.eos_token_ids[0] if self.eos_token_ids else None)
         self._lock = threading.RLock()
         self._guards: dict[int, ngram.NgramGuard] = {}
-        self._grow(0)
+        self.slots = SlotTable()
         self.warned: set[str] = set()  # fixed reasons only: bounded
         self.ended = 0  # requests ended by the fail-closed rule
         self.small_steps = 0  # batched small-model steps run
-
-    # ------------------------------------------------------------------ per-slot state
-    _FLOAT = {"gain": 0.0, "gate": float("inf"), "eos": float("inf"), "plaus": 0.0, "clip": float("inf")}
-    _LONG = {"patience": 1, "streak": 0, "ngram": 0, "steered": 0, "fired": 0}
-    _BOOL = {"active": False, "in_runner": False, "used": False}
-
-    def _grow(self, need: int) -> None:
-        old = getattr(self, "_cap", 0)
-        if old and need <= old:
-            return
-        cap = max(8, 2 * old, need)
-        for table, dtype in ((self._FLOAT, torch.float32), (self._LONG, torch.long), (self._BOOL, torch.bool)):
-            for name, fill in table.items():
-                t = torch.full((cap,), fill, dtype=dtype)
-                if old:
-                    t[:old] = getattr(self, "_" + name)
-                setattr(self, "_" + name, t)
-        pad = [None] * (cap - old)
-        if old:
-            self._keys += pad
-            self._requests += pad
-            self._failed += pad
-        else:
-            self._keys, self._requests, self._failed = pad, list(pad), list(pad)
-        self._cap = cap
 
     def request(self, prompt_ids: Sequence[int], context: str, *, gain: float, variants: Variants = Variants(),
                 salt: Optional[Hashable] = None,
@@ -186,18 +220,8 @@ class Steerer:
     def admit(self, request: SteerRequest) -> int:
         """Gives the request a slot (its small-model rows are prefilled at its first step)."""
         with self._lock:
-            free = (~self._used).nonzero()
-            if not free.numel():
-                self._grow(self._cap + 1)
-                free = (~self._used).nonzero()
-            slot = int(free[0])
+            slot = self.slots.take(request, ("steer", next(_KEYS)))
             v = request.variants
-            values = {"gain": request.gain, "gate": v.gate_threshold, "eos": v.eos_guard, "plaus": v.plausibility,
-                      "clip": v.delta_clip, "patience": v.gate_patience, "streak": 0, "ngram": v.ngram_guard,
-                      "steered": 0, "fired": 0, "active": True, "in_runner": False, "used": True}
-            for name, value in values.items():
-                getattr(self, "_" + name)[slot] = self._default(name) if value is None else value
-            self._keys[slot], self._requests[slot], self._failed[slot] = ("steer", next(_KEYS)), request, None
             if v.ngram_guard:
                 guard = self._guards.get(v.ngram_guard)
                 if guard is None:
@@ -205,49 +229,42 @@ class Steerer:
                 guard.add(slot, request.context_ids, request.public_ids)
             return slot
 
-    def _default(self, name: str):
-        for table in (self._FLOAT, self._LONG, self._BOOL):
-            if name in table:
-                return table[name]
-        raise KeyError(name)
-
     def release(self, slot: int) -> None:
         """Frees the slot and its small-model rows (no-op for a free slot)."""
         with self._lock:
-            if not self._used[slot]:
+            if not self.slots.used[slot]:
                 return
             self.switch_off(slot)
-            n = int(self._ngram[slot])
+            n = int(self.slots.ngram[slot])
             if n:
                 self._guards[n].remove(slot)
-            self._used[slot] = False
-            self._keys[slot] = self._requests[slot] = self._failed[slot] = None
+            self.slots.free(slot)
 
     def switch_off(self, slot: int) -> None:
         """Stops steering the slot for good (finished, gated) and frees its small-model rows."""
         with self._lock:
-            self._active[slot] = False
+            self.slots.active[slot] = False
             self.suspend(slot)
 
     def suspend(self, slot: int) -> None:
         """Frees the slot's small-model rows but keeps its state (it re-prefills when it steps again)."""
         with self._lock:
-            if self._in_runner[slot]:
-                self.runner.remove(self._keys[slot])
-                self._in_runner[slot] = False
+            if self.slots.in_runner[slot]:
+                self.runner.remove(self.slots.keys[slot])
+                self.slots.in_runner[slot] = False
 
     def fail(self, slot: int, reason: str) -> None:
         """Marks a request that cannot be steered: its next step ends it (only EOS stays possible)."""
         with self._lock:
-            if self._failed[slot] is None:
+            if self.slots.failed[slot] is None:
                 logger.warning("CoSteer: a steered request cannot be steered and is ended now: %s", reason)
                 self.ended += 1
-            self._failed[slot] = reason
+            self.slots.failed[slot] = reason
             self.switch_off(slot)
 
     def failure(self, slot: int) -> Optional[str]:
         """Why the request in ``slot`` was ended, or ``None``."""
-        return self._failed[slot]
+        return self.slots.failed[slot]
 
     def warn_once(self, reason: str, msg: str, *args) -> None:
         """Logs ``msg`` the first time ``reason`` occurs; reasons are fixed names (never per request): bounded."""
@@ -257,27 +274,27 @@ class Steerer:
 
     def key(self, slot: int) -> Hashable:
         """The slot's key in the runner."""
-        return self._keys[slot]
+        return self.slots.keys[slot]
 
     def request_of(self, slot: int) -> SteerRequest:
-        return self._requests[slot]
+        return self.slots.requests[slot]
 
     def is_active(self, slot: int) -> bool:
-        return bool(self._active[slot])
+        return bool(self.slots.active[slot])
 
     def streak(self, slot: int) -> int:
-        return int(self._streak[slot])
+        return int(self.slots.streak[slot])
 
     def slot_stats(self, slot: int) -> dict:
         """Per request: steps steered, the n-gram guard's firings, the confidence streak, failure."""
-        guard = self._guards.get(int(self._ngram[slot]))
-        return {"steered_steps": int(self._steered[slot]), "guard_fired": guard.fired(slot) if guard else 0,
-                "streak": int(self._streak[slot]), "active": bool(self._active[slot]), "failed": self._failed[slot]}
+        guard = self._guards.get(int(self.slots.ngram[slot]))
+        return {"steered_steps": int(self.slots.steered[slot]), "guard_fired": guard.fired(slot) if guard else 0,
+                "streak": int(self.slots.streak[slot]), "active": bool(self.slots.active[slot]), "failed": self.slots.failed[slot]}
 
     def stats(self) -> dict:
-        used = self._used
-        return {"slots": int(used.sum()), "active": int((self._active & used).sum()),
-                "steered_steps": int(self._steered[used].sum()), "small_steps": self.small_steps,
+        used = self.slots.used
+        return {"slots": int(used.sum()), "active": int((self.slots.active & used).sum()),
+                "steered_steps": int(self.slots.steered[used].sum()), "small_steps": self.small_steps,
                 "ended": self.ended, "guard": {n: g.stats() for n, g in self._guards.items()}}
 
     # ------------------------------------------------------------------ the step
@@ -292,8 +309,8 @@ class Steerer:
         scheduling), are left as they are for this step (logged once).
         """
         with self._lock:
-            failed = [r for r, s in zip(rows, slots) if self._failed[s] is not None]
-            live = [j for j, s in enumerate(slots) if self._active[s]]
+            failed = [r for r, s in zip(rows, slots) if self.slots.failed[s] is not None]
+            live = [j for j, s in enumerate(slots) if self.slots.active[s]]
             if not live:
                 return self.end(logits, failed)
             index = torch.tensor([rows[j] for j in live], dtype=torch.long, device=logits.device)
@@ -329,15 +346,15 @@ class Steerer:
         """AdaCoSteer for these rows: updates their streaks and switches off the rows that reach their
         patience now; returns ``[n]`` bool, True for the rows still steered this step."""
         with self._lock:
-            threshold = self._gate[slots]
+            threshold = self.slots.gate[slots]
             on = torch.isfinite(threshold)
             if bool(on.any()):
                 confident = on & ((1.0 - top_probability(large).cpu()) < threshold)
-                streak = torch.where(confident, self._streak[slots] + 1, torch.zeros_like(slots))
-                self._streak[slots] = streak
-                for slot in slots[on & (streak >= self._patience[slots])].tolist():
+                streak = torch.where(confident, self.slots.streak[slots] + 1, torch.zeros_like(slots))
+                self.slots.streak[slots] = streak
+                for slot in slots[on & (streak >= self.slots.patience[slots])].tolist():
                     self.switch_off(slot)
-            return self._active[slots].clone()
+            return self.slots.active[slots].clone()
 
     def small(self, slots: torch.Tensor, outputs: Sequence[Sequence[int]]
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -354,14 +371,14 @@ class Steerer:
                 try:
                     if self.vocab_map is not None:
                         out = self.vocab_map.to_small(out)
-                    if not self._in_runner[slot]:  # admission, one request at a time
-                        request = self._requests[slot]
-                        self.runner.add(self._keys[slot], *request.branches, salt=request.salt)
-                        self._in_runner[slot] = True
+                    if not self.slots.in_runner[slot]:  # admission, one request at a time
+                        request = self.slots.requests[slot]
+                        self.runner.add(self.slots.keys[slot], *request.branches, salt=request.salt)
+                        self.slots.in_runner[slot] = True
                 except STEP_ERRORS as e:
                     self.fail(slot, f"the small model could not take it: {e}")
                     continue
-                batch.append((self._keys[slot], out))
+                batch.append((self.slots.keys[slot], out))
                 where.append(j)
             z_with, z_without, stepped = self._run(batch, [int(slots[j]) for j in where])
             usable = _usable(z_with) & _usable(z_without)
@@ -410,7 +427,7 @@ class Steerer:
         with self._lock:
             dev = large.device
             z_with, z_without = z_with.to(dev), z_without.to(dev)
-            gains, clip = self._gain[slots].to(dev), self._clip[slots]
+            gains, clip = self.slots.gain[slots].to(dev), self.slots.clip[slots]
             update = self.vocab_map.steer if self.vocab_map is not None else _update
             clipped = torch.isfinite(clip)
             if bool(clipped.any()):
@@ -421,12 +438,12 @@ class Steerer:
                         steered[at] = update(large[at], z_with[at], z_without[at], gains[at], fn=fn)
             else:
                 steered = update(large, z_with, z_without, gains, fn=steer)
-            alpha = self._plaus[slots]
+            alpha = self.slots.plaus[slots]
             if bool((alpha > 0).any()):
                 steered = self._plausible(steered, large, slots, alpha.to(dev))
-            self._steered[slots] += 1
+            self.slots.steered[slots] += 1
             steered = self._ngram_guard(steered, slots, histories)
-            eos = self._eos[slots]
+            eos = self.slots.eos[slots]
             if bool(torch.isfinite(eos).any()):
                 steered = force_eos(steered, large if eos_logits is None else eos_logits, self.eos_token_ids,
                                     eos.to(dev))
@@ -434,7 +451,7 @@ class Steerer:
 
     def _plausible(self, steered, large, slots, alpha):
         for mode in ("mask", "large"):
-            rows = torch.tensor([a > 0 and self._requests[s].variants.plausibility_mode == mode
+            rows = torch.tensor([a > 0 and self.slots.requests[s].variants.plausibility_mode == mode
                                  for s, a in zip(slots.tolist(), alpha.tolist())], dtype=torch.bool)
             if bool(rows.any()):
                 at = rows.nonzero().flatten().to(steered.device)
@@ -444,7 +461,7 @@ class Steerer:
     def _ngram_guard(self, steered: torch.Tensor, slots: torch.Tensor, histories) -> torch.Tensor:
         if not self._guards:
             return steered
-        ns = self._ngram[slots]
+        ns = self.slots.ngram[slots]
         for n, guard in self._guards.items():
             rows = (ns == n).nonzero().flatten()
             if not rows.numel():
@@ -453,7 +470,7 @@ class Steerer:
             for i, j in enumerate(rows.tolist()):  # the last n-1 ids of prompt + output (O(n) per row)
                 generated = list(histories[j][max(0, len(histories[j]) - (n - 1)):])
                 short = n - 1 - len(generated)
-                public = self._requests[int(slots[j])].public_ids
+                public = self.slots.requests[int(slots[j])].public_ids
                 tail = list(public[max(0, len(public) - short):]) + generated if short > 0 else generated
                 if tail:
                     tails[i, n - 1 - len(tail):] = torch.tensor(tail)

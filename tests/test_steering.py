@@ -100,7 +100,7 @@ def test_many_slots_grow_the_tables(small_model, tokenizer):
     slots = [steerer.admit(steerer.request(prompt_ids(tokenizer, USERS[0]), CONTEXTS[0], gain=float(i)))
              for i in range(20)]
     assert len(set(slots)) == 20 and steerer.stats()["slots"] == 20
-    assert [float(steerer._gain[s]) for s in slots] == [float(i) for i in range(20)]
+    assert [float(steerer.slots.gain[s]) for s in slots] == [float(i) for i in range(20)]
 
 
 def _generate(large_model, tokenizer, proc, users):
@@ -174,7 +174,7 @@ def _copier(steerer, bonus=20.0):
         z_with, z_without = torch.zeros_like(z_with), torch.zeros_like(z_without)
         for i, (key, history) in enumerate(batch):
             if key not in slot_of:
-                slot_of[key] = next(s for s in range(steerer._cap) if steerer._keys[s] == key)
+                slot_of[key] = next(s for s in range(steerer.slots.cap) if steerer.slots.keys[s] == key)
             context = list(steerer.request_of(slot_of[key]).context_ids)
             nxt = context[0]
             for n in range(min(len(history), len(context) - 1), 0, -1):
