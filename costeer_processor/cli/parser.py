@@ -184,4 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for add in (_add_generate, _add_demo, _add_serve, _add_models):
         add(sub)
+    from .proxy import add_parser as _add_proxy  # `costeer proxy` (docs/proxy.md)
+
+    _add_proxy(sub)
     return parser
