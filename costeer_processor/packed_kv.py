@@ -98,6 +98,8 @@ def packed_attention(module, query, key, value, attention_mask=None, scaling=Non
 
     Returns ``([rows, 1, heads, head_dim], None)`` like transformers' attention functions.
     """
+    if isinstance(key, PackedKV) and isinstance(key.step, _ExtendStep):
+        return _extend_attention(query, key, value, scaling, sliding_window)
     if not isinstance(key, PackedKV) or query.shape[2] != 1:
         raise TypeError("packed_attention runs only inside PackedRows.decode (one token per row)")
     step = key.step
@@ -121,6 +123,54 @@ def packed_attention(module, query, key, value, attention_mask=None, scaling=Non
     out.index_add_(0, index, partial.float())
     out = out[:rows] / total[:rows, ..., None]
     return out.to(query.dtype).reshape(rows, 1, heads, dim), None
+
+
+class _ExtendStep(_Step):
+    """:meth:`PackedRows.extend`'s block map: ``k`` query tokens per row, causal among the new ones."""
+
+    def invalid(self, window: Optional[int]) -> torch.Tensor:
+        """``[blocks, k, BLOCK]`` True where query ``i`` must not attend a column (empty, later, outside ``window``)."""
+        if window not in self._invalid:
+            qp = self._query_pos  # [rows, k]
+            q = torch.cat([qp, qp.new_zeros(1, qp.shape[1])])[self.row_of_block][:, :, None]  # [blocks, k, 1]
+            keys = self._key_pos[:, None, :]
+            bad = ~self._filled[:, None, :] | (keys > q)
+            if window is not None:
+                bad = bad | (keys <= q - window)
+            self._invalid[window] = bad
+        return self._invalid[window]
+
+
+def _extend_attention(query, key, value, scaling, sliding_window):
+    """:func:`packed_attention` for ``k`` query tokens per row (``query``: ``[rows, heads, k, head_dim]``).
+
+    The same flash-decoding combination over each row's blocks, with the query axis kept beside the
+    head groups, and a causal mask by position (a new token sees the row's past and the new tokens
+    up to itself). Returns ``([rows, k, heads, head_dim], None)``.
+    """
+    step = key.step
+    rows, heads, k, dim = query.shape
+    kv_heads = key.pool.shape[1]
+    groups = heads // kv_heads
+    scaling = dim ** -0.5 if scaling is None else scaling
+    index = step.row_of_block
+    q = query.reshape(rows, kv_heads, groups * k, dim)
+    q = torch.cat([q, q.new_zeros(1, kv_heads, groups * k, dim)])[index]  # [blocks, kv, g*k, D]
+    scores = torch.matmul(q, key.pool.transpose(-1, -2)).float().mul_(scaling)  # [blocks, kv, g*k, B]
+    blocks, width = scores.shape[0], scores.shape[-1]
+    scores = scores.view(blocks, kv_heads, groups, k, width)
+    scores.masked_fill_(step.invalid(sliding_window)[:, None, None], -math.inf)
+    expand = index[:, None, None, None].expand(-1, kv_heads, groups, k)
+    top = scores.new_full((rows + 1, kv_heads, groups, k), -math.inf)
+    top.scatter_reduce_(0, expand, scores.amax(-1), "amax")
+    top.masked_fill_(top == -math.inf, 0.0)
+    weights = scores.sub_(top[index][..., None]).exp_()
+    total = scores.new_zeros((rows + 1, kv_heads, groups, k)).index_add_(0, index, weights.sum(-1))
+    partial = torch.matmul(weights.view(blocks, kv_heads, groups * k, width).to(value.pool.dtype), value.pool)
+    out = partial.new_zeros((rows + 1, kv_heads, groups * k, dim), dtype=torch.float32)
+    out.index_add_(0, index, partial.float())
+    out = out[:rows].view(rows, kv_heads, groups, k, dim) / total[:rows, ..., None]
+    return out.to(query.dtype).permute(0, 3, 1, 2, 4).reshape(rows, k, heads, dim), None
 
 
 AttentionInterface.register(ATTENTION, packed_attention)
@@ -193,6 +243,16 @@ class _StepCache:
         keys, values = self.store.keys[layer_idx], self.store.values[layer_idx]
         keys[self.blocks, :, self.offsets] = key_states[:, :, -1]
         values[self.blocks, :, self.offsets] = value_states[:, :, -1]
+        return PackedKV(keys[:self.used], self.step), PackedKV(values[:self.used], self.step)
+
+
+class _ExtendCache(_StepCache):
+    """The ``past_key_values`` of an extend forward: writes each layer's ``k`` new columns per row."""
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        keys, values = self.store.keys[layer_idx], self.store.values[layer_idx]
+        keys[self.blocks, :, self.offsets] = key_states.transpose(1, 2).to(keys.dtype)  # [rows, k, kv, D]
+        values[self.blocks, :, self.offsets] = value_states.transpose(1, 2).to(values.dtype)
         return PackedKV(keys[:self.used], self.step), PackedKV(values[:self.used], self.step)
 
 
@@ -417,3 +477,100 @@ class PackedRows:
         self.fill = fill
         self.length[rows] += 1
         return out.logits[:, -1, :]
+
+    # ------------------------------------------------------------------ speculation: several tokens, rollback
+    @torch.inference_mode()
+    def extend(self, model, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """One forward of ``model`` feeding ``ids[i, :]`` (``k`` tokens) to row ``rows[i]``; returns
+        ``[len(rows), k, V]`` logits (after each fed token).
+
+        A multi-query :func:`packed_attention` (causal among the new tokens); ``k = 1`` computes what
+        :meth:`decode` computes. A forward that raises leaves every row as it was.
+        """
+        use_packed_attention(model)
+        n, k = ids.shape
+        tail = self.tail[rows]
+        start, fill = self.block_start[tail], self.fill[tail]
+        spill = (fill + k - self.block).clamp(min=0)  # new tokens past the tail block
+        extra = (spill + self.block - 1) // self.block
+        fresh = self._take_blocks(int(extra.sum()))
+        first = torch.cumsum(extra, 0) - extra
+        owner_rows = torch.repeat_interleave(rows, extra)
+        nth = torch.arange(fresh.numel(), device=self.device) - torch.repeat_interleave(first, extra)
+        saved = (self.tail.clone(), self.fill.clone(), self._used)
+        self.owner[fresh] = owner_rows
+        self.block_start[fresh] = torch.repeat_interleave(start, extra) + (nth + 1) * self.block
+        self.fill[fresh] = 0
+        col = fill[:, None] + torch.arange(k, device=self.device)  # [n, k] column counted from the tail's start
+        over = col // self.block  # 0: the tail block, m >= 1: the m-th fresh block of the row
+        pick = (first[:, None] + over - 1).clamp(min=0)
+        blocks = torch.where(over == 0, tail[:, None], fresh[pick] if fresh.numel() else tail[:, None])
+        offsets = col % self.block
+        fill_after = self.fill.clone()
+        fill_after[tail] = torch.clamp(fill + k, max=self.block)
+        fill_after[fresh] = torch.clamp(spill.repeat_interleave(extra) - nth * self.block, max=self.block)
+        used = self._used
+        lookup = torch.full((self.tail.numel() + 1,), n, dtype=torch.long, device=self.device)
+        lookup[rows] = torch.arange(n, device=self.device)
+        columns = torch.arange(self.block, device=self.device)
+        positions = self.length[rows][:, None] + torch.arange(k, device=self.device)
+        step = _ExtendStep(lookup[self.owner[:used]], columns < fill_after[:used, None],
+                           self.block_start[:used, None] + columns, positions, n)
+        ready = torch.ones((n, 1, k, 1), dtype=torch.bool, device=self.device)  # 4D: no mask is built
+        try:
+            out = model(input_ids=ids, position_ids=positions, attention_mask=ready,
+                        past_key_values=_ExtendCache(self, step, blocks, offsets, used), use_cache=True,
+                        logits_to_keep=k)
+        except BaseException:  # give the fresh blocks back; clear what the forward wrote past the fill
+            self.owner[fresh], self.fill[fresh] = -1, 0
+            self.tail, self.fill, self._used = saved
+            self._clear_tails(rows)
+            self._settle()
+            raise
+        if extra.numel() and int(extra.max()) > 0:
+            last = first + extra - 1
+            has = extra > 0
+            self.tail[rows[has]] = fresh[last[has]]
+        self.fill = fill_after
+        self.length[rows] += k
+        return out.logits
+
+    @torch.inference_mode()
+    def truncate(self, rows: torch.Tensor, lengths: torch.Tensor) -> None:
+        """Rolls each row in ``rows`` back to its first ``lengths[i]`` tokens (at least one): blocks wholly
+        past the new end are freed, the block holding the last kept token becomes the tail, and its
+        columns past the end get zero values (as a freshly taken block), so the row holds exactly what
+        a row that never went further holds."""
+        rows, lengths = rows.to(self.device), lengths.to(self.device)
+        if bool((lengths < 1).any()) or bool((lengths > self.length[rows]).any()):
+            raise ValueError("truncate keeps between 1 token and the row's length")
+        lookup = torch.full((self.tail.numel(),), -1, dtype=torch.long, device=self.device)
+        lookup[rows] = lengths
+        used = self.owner >= 0
+        keep_to = torch.where(used, lookup[self.owner.clamp(min=0)], -1)  # [blocks] new length of the owner
+        touched = used & (keep_to >= 0)
+        gone = touched & (self.block_start >= keep_to)
+        self.owner[gone], self.fill[gone] = -1, 0
+        tail = touched & ~gone & (self.block_start + self.fill > keep_to)
+        self.fill[tail] = keep_to[tail] - self.block_start[tail]
+        last = touched & ~gone & (self.block_start + self.block >= keep_to)  # holds each row's last kept token
+        self.tail[self.owner[last]] = last.nonzero().flatten()
+        self.length[rows] = lengths
+        self._clear_tails(rows)
+        self._settle()
+
+    def _clear_tails(self, rows: torch.Tensor) -> None:
+        """Zeroes the values past the fill of the rows' tail blocks (nothing stale can reach an attention)."""
+        tail = self.tail[rows]
+        stale = torch.arange(self.block, device=self.device) >= self.fill[tail][:, None]  # [n, BLOCK]
+        for pool in self.values:
+            pool[tail] = pool[tail].masked_fill(stale[:, None, :, None], 0)
+
+    def row_kv(self, row: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, the row's keys and values in position order (``[kv_heads, length, head_dim]``; tests)."""
+        mine = (self.owner == row).nonzero().flatten()
+        mine = mine[self.block_start[mine].argsort()]
+        n = int(self.length[row])
+        return [(k[mine].transpose(0, 1).reshape(self.kv_heads, -1, self.head_dim)[:, :n],
+                 v[mine].transpose(0, 1).reshape(self.kv_heads, -1, self.head_dim)[:, :n])
+                for k, v in zip(self.keys, self.values)]

@@ -392,6 +392,118 @@ class SmallModelRunner:
         self.prefill_tokens += int(mask[:, -width:].sum())
         return cache, mask, logits
 
+    # ------------------------------------------------------------------ speculation
+    # Several tokens per row in one forward, and rollback of rejected positions
+    # (:mod:`costeer_processor.speculative`).
+    @torch.inference_mode()
+    def extend(self, batch: Sequence[tuple[Hashable, Sequence[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feeds each request the ``k`` generated ids it has not seen (the same ``k`` for every request,
+        each already prefilled) in ONE ``[2n, k]`` forward; returns ``(with_context, without_context)``,
+        each ``[len(batch), k, V_small]``: the logits after each fed id.
+
+        ``generated_ids`` is the request's full output so far, as for :meth:`step`. If it raises,
+        every request is as it was. Example::
+
+            >>> from costeer_processor.testing import build_tiny_model, build_tiny_tokenizer
+            >>> tok = build_tiny_tokenizer()
+            >>> runner = SmallModelRunner(build_tiny_model(tok), tok)
+            >>> runner.add("r", *runner.encode_branches("Suggest a dinner.", "I am vegan."))
+            >>> _ = runner.step([("r", [])])
+            >>> z_with, z_without = runner.extend([("r", [40, 41, 42])])  # three tokens, one forward
+            >>> one_by_one = runner.truncate("r", 0) or [runner.step([("r", [40, 41, 42][:i + 1])])[0][0]
+            ...                                            for i in range(3)]
+            >>> z_with.shape[:2], bool(torch.allclose(z_with[0], torch.stack(one_by_one), atol=1e-4))
+            (torch.Size([1, 3]), True)
+            >>> runner.remove("r")
+        """
+        with self.lock:
+            if not batch:
+                empty = torch.empty(0, 0, self.vocab_size, device=self.device)
+                return empty, empty
+            reqs, new = [], []
+            for key, ids in batch:
+                req = self._requests.get(key)
+                if req is None or req.rows is None:
+                    raise KeyError(f"request {key!r} is not prefilled in the small-model runner (step it first)")
+                ids = list(ids)
+                if ids[:len(req.fed)] != req.fed or len(ids) == len(req.fed):
+                    raise ValueError(f"request {key!r}: extend needs the ids fed so far plus at least one new id")
+                if any(r is req for r in reqs):
+                    raise ValueError(f"request {key!r} appears twice in the batch")
+                reqs.append(req)
+                new.append(ids[len(req.fed):])
+            k = len(new[0])
+            if any(len(n) != k for n in new):
+                raise ValueError("extend feeds the same number of new ids to every request in one call")
+            rows = torch.tensor([r.rows for r in reqs], device=self.device).flatten()
+            ids = torch.tensor(new, device=self.device).repeat_interleave(2, dim=0)
+            self.forward_count += 1
+            logits = self._store.extend(self.model, rows, ids)  # raises: every row as it was
+            try:
+                self._last[rows] = logits[:, -1].to(self._last.dtype)
+            except BaseException:
+                self._release([key for key, _ in batch])
+                raise
+            for req, n in zip(reqs, new):
+                req.fed = req.fed + n
+            return logits[0::2], logits[1::2]
+
+    def truncate(self, key: Hashable, n_generated: int,
+                 logits: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> None:
+        """Rolls both branches of ``key`` back to having fed its first ``n_generated`` generated ids.
+
+        Blocks wholly past the new end are freed, the rest is exactly what a request that was never
+        fed more holds (no re-prefill). ``logits``: the ``(with, without)`` next-token logits after the
+        last kept id (speculation has them); without them the last kept token is fed again (one
+        ``[2, 1]`` forward) so that :meth:`step` returns correct logits. A request that is not in the
+        cache only forgets the ids (it prefills at its next step); unknown keys raise ``KeyError``.
+        """
+        self.truncate_many([(key, n_generated, logits)])
+
+    @torch.inference_mode()
+    def truncate_many(self, items: Sequence[tuple[Hashable, int, Optional[tuple[torch.Tensor, torch.Tensor]]]]
+                      ) -> None:
+        """:meth:`truncate` for several ``(key, n_generated, logits)`` at once (one cache update, and at most
+        one forward for those given without logits). Everything is checked before anything changes."""
+        with self.lock:
+            reqs = []
+            for key, n, logits in items:
+                req = self._requests[key]
+                if not 0 <= n <= len(req.fed):
+                    raise ValueError(f"cannot truncate request {key!r} to {n} ids: it was fed {len(req.fed)}")
+                reqs.append(req)
+            given, again, drop = [], [], []
+            for (key, n, logits), req in zip(items, reqs):
+                if (n == len(req.fed) and logits is None) or req.rows is None:
+                    req.fed = req.fed[:n]
+                elif logits is not None:
+                    given.append((req, n, logits))
+                elif min(len(req.ids_with), len(req.ids_without)) + n < 2:  # nothing to feed again from
+                    drop.append(key)
+                    req.fed = req.fed[:n]
+                else:
+                    again.append((req, n))
+            self._release(drop)  # these prefill at their next step
+            if given:
+                rows = torch.tensor([r.rows for r, _, _ in given], device=self.device).flatten()
+                self._store.truncate(rows, torch.tensor([m for r, n, _ in given for m in _branch_lengths(r, n)]))
+                self._last[rows] = torch.stack([z for _, _, logits in given for z in logits]).to(self._last.dtype)
+                for req, n, _ in given:
+                    req.fed = req.fed[:n]
+            if again:
+                rows = torch.tensor([r.rows for r, _ in again], device=self.device).flatten()
+                self._store.truncate(rows, torch.tensor([m - 1 for r, n in again for m in _branch_lengths(r, n)]))
+                last = [t for r, n in again for t in ((r.ids_with + r.fed[:n])[-1], (r.ids_without + r.fed[:n])[-1])]
+                for req, n in again:
+                    req.fed = req.fed[:n]
+                self.forward_count += 1
+                try:
+                    z = self._store.decode(self.model, rows, torch.tensor(last, device=self.device))
+                    self._last[rows] = z.to(self._last.dtype)
+                except BaseException:  # the rows are one token short of their ids: prefill next time
+                    self._release([k for (k, _, _), r in zip(items, reqs) if any(r is a for a, _ in again)])
+                    raise
+
     def _release(self, keys: Iterable[Hashable]) -> None:
         rows = []
         for key in keys:
@@ -405,6 +517,11 @@ class SmallModelRunner:
         self._store.drop(rows)
         if not len(self._store):
             self._last = None  # idle: no logits table either
+
+
+def _branch_lengths(req: _Request, n_generated: int) -> tuple[int, int]:
+    """Tokens of the request's (with, without) rows once ``n_generated`` generated ids are fed."""
+    return len(req.ids_with) + n_generated, len(req.ids_without) + n_generated
 
 
 def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
