@@ -706,3 +706,34 @@ def test_split_with_style_options_and_the_guard_equals_hf(pair, runner, fake, va
         got = client.generate(p, c, max_new_tokens=12).token_ids
         assert got == hf_reference(pair, runner, p, c, 12, config=config, variants=variants)
     assert len(runner) == 0
+
+
+def test_the_ngram_guard_keeps_a_copying_small_model_from_sending_the_context(pair, runner, fake, monkeypatch):
+    """Split mode sends every generated token back to the server: a small model that copies its context
+    would send the context. With the n-gram guard no run of 4 context ids (nor the text) crosses the wire;
+    without it, the same recording check fails (the check is not vacuous)."""
+    from test_steering import _copier, _request_with_context_ids
+
+    from costeer_processor.steering import Steerer
+
+    outcomes = {}
+    for guard in (0, 4):
+        proxy = LoopbackProxy(fake.url)
+        try:
+            client = SplitCoSteerClient(proxy.url, runner, config=CoSteerConfig(strength=8.0),
+                                        variants=Variants(ngram_guard=guard), lookahead=1)
+            monkeypatch.setattr(Steerer, "request", _request_with_context_ids(Steerer.request))
+            monkeypatch.setattr(runner, "step", _copier(client._decoder.steerer))
+            client.generate(PROMPTS[0], SECRET, max_new_tokens=24)
+            monkeypatch.undo()
+            try:
+                assert_context_never_sent(proxy.records, runner, PROMPTS[0], SECRET)
+                outcomes[guard] = "clean"
+            except AssertionError as e:
+                outcomes[guard] = str(e)
+        finally:
+            monkeypatch.undo()
+            proxy.close()
+    assert outcomes[4] == "clean"
+    assert "context ids" in outcomes[0]
+    assert len(runner) == 0
