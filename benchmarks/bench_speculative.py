@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -85,7 +86,6 @@ def forward_costs(large, runner, inputs, contexts, widths=(1, 3, 5, 9), repeats=
     """Milliseconds of one large forward over ``w`` new tokens per row (on the cached prompt), and of one
     batched small-model step over both branches: the cost model of a round."""
     from transformers import DynamicCache
-    import statistics
     b = inputs["input_ids"].shape[0]
     cache = DynamicCache(config=large.config)
     large(**inputs, past_key_values=cache, use_cache=True, logits_to_keep=1)
@@ -120,7 +120,9 @@ def forward_costs(large, runner, inputs, contexts, widths=(1, 3, 5, 9), repeats=
     return out
 
 
-def bench(large, tok, small, batch_sizes, n, configs, max_k):
+def bench(large, tok, small, batch_sizes, n, configs, max_k, repeats=1):
+    """Every mode once per repeat, interleaved (a shared machine's noise falls on all of them alike);
+    per mode the median wall time and the median CPU time of this process."""
     runner = SmallModelRunner(small, tok)
     cfg = CoSteerConfig()
     rows = []
@@ -129,46 +131,68 @@ def bench(large, tok, small, batch_sizes, n, configs, max_k):
         start = inputs["input_ids"].shape[1]
         contexts = [CONTEXTS[i % len(CONTEXTS)] for i in range(b)]
         gen = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False)
-        _, t_plain = timed(lambda: large.generate(**inputs, **gen))
-        proc = CoSteerLogitsProcessor(runner, contexts, cfg)
-        steered, t_steer = timed(lambda: large.generate(**inputs, logits_processor=LogitsProcessorList([proc]), **gen))
-        proc.release()
-        base = dict(batch=b, new_tokens=n, plain_tok_s=b * n / t_plain, steered_tok_s=b * n / t_steer)
-        costs = forward_costs(large, runner, inputs, contexts)
-        print(json.dumps({"batch": b, **costs}), flush=True)
-        base.update(costs)
-        rows.append({**base, "mode": "steered", "tok_s": base["steered_tok_s"],
-                     "vs_plain": t_plain / t_steer, "vs_steered": 1.0, "same_as_steered": True})
-        print(json.dumps(rows[-1]), flush=True)
-        for k, proposal in configs:
+
+        def steered_run():
+            proc = CoSteerLogitsProcessor(runner, contexts, cfg)
+            out = large.generate(**inputs, logits_processor=LogitsProcessorList([proc]), **gen)
+            proc.release()
+            return out
+
+        def spec_run(k, proposal):
             adaptive = k == "adaptive"
-            out, t = timed(lambda: speculative_generate(
-                large, runner, inputs["input_ids"], inputs["attention_mask"], contexts, config=cfg,
-                max_new_tokens=n, min_new_tokens=n, k=max_k if adaptive else k, adaptive=adaptive,
-                proposal=proposal))
-            s = out.stats.summary()
-            diff = first_difference(out.sequences[:, start:], steered[:, start:])
-            rows.append({**base, "mode": f"spec k={k} {proposal}", "k": k, "proposal": proposal,
-                         "tok_s": b * n / t, "vs_plain": t_plain / t, "vs_steered": t_steer / t,
-                         "same_as_steered": diff is None, "first_difference": diff,
-                         "acceptance": s["acceptance"], "tokens_per_large_forward": s["tokens_per_forward"],
-                         "rounds": s["rounds"],
-                         "small_forwards_per_token": s["small_forwards"] * b / max(1, s["tokens"])})
-            print(json.dumps(rows[-1]), flush=True)
+            return speculative_generate(large, runner, inputs["input_ids"], inputs["attention_mask"], contexts,
+                                        config=cfg, max_new_tokens=n, min_new_tokens=n,
+                                        k=max_k if adaptive else k, adaptive=adaptive, proposal=proposal)
+
+        modes = {"plain": lambda: large.generate(**inputs, **gen), "steered": steered_run}
+        modes.update({f"spec k={k} {p}": (lambda k=k, p=p: spec_run(k, p)) for k, p in configs})
+        wall: dict[str, list[float]] = {m: [] for m in modes}
+        cpu: dict[str, list[float]] = {m: [] for m in modes}
+        outputs = {}
+        for _ in range(repeats):
+            for mode, fn in modes.items():
+                c0 = time.process_time()
+                outputs[mode], t = timed(fn)
+                wall[mode].append(t)
+                cpu[mode].append(time.process_time() - c0)
+                print(json.dumps({"batch": b, "mode": mode, "wall_s": t, "cpu_s": cpu[mode][-1]}), flush=True)
+        med = {m: statistics.median(v) for m, v in wall.items()}
+        med_cpu = {m: statistics.median(v) for m, v in cpu.items()}
+        base = dict(batch=b, new_tokens=n, repeats=repeats, plain_tok_s=b * n / med["plain"],
+                    steered_tok_s=b * n / med["steered"], load_average=os.getloadavg())
+        base.update(forward_costs(large, runner, inputs, contexts))
+        steered = outputs["steered"]
+        for mode in modes:
+            if mode == "plain":
+                continue
+            row = {**base, "mode": mode, "tok_s": b * n / med[mode], "vs_plain": med["plain"] / med[mode],
+                   "vs_steered": med["steered"] / med[mode], "cpu_vs_plain": med_cpu["plain"] / med_cpu[mode],
+                   "wall_s": wall[mode], "plain_wall_s": wall["plain"]}
+            if mode == "steered":
+                row["same_as_steered"] = True
+            else:
+                s = outputs[mode].stats.summary()
+                diff = first_difference(outputs[mode].sequences[:, start:], steered[:, start:])
+                row.update(same_as_steered=diff is None, first_difference=diff, acceptance=s["acceptance"],
+                           tokens_per_large_forward=s["tokens_per_forward"], rounds=s["rounds"],
+                           small_forwards_per_token=s["small_forwards"] * b / max(1, s["tokens"]))
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if "wall_s" not in k}), flush=True)
     return rows
 
 
 def table(rows):
-    lines = ["| batch | mode | tok/s | vs plain | vs steered | same tokens as steered | acceptance | "
-             "tokens / large forward | small forwards / token |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| batch | mode | tok/s | vs plain | vs steered | CPU time vs plain | same tokens as steered | "
+             "acceptance | tokens / large forward | small forwards / token |", "|---" * 10 + "|"]
     for r in rows:
         same = "yes" if r["same_as_steered"] else f"no (row, pos {r.get('first_difference')})"
         lines.append(f"| {r['batch']} | {r['mode']} | {r['tok_s']:.2f} | {r['vs_plain']:.2f}x | "
-                     f"{r['vs_steered']:.2f}x | {same} | {r.get('acceptance', float('nan')):.2f} | "
+                     f"{r['vs_steered']:.2f}x | {r['cpu_vs_plain']:.2f}x | {same} | "
+                     f"{r.get('acceptance', float('nan')):.2f} | "
                      f"{r.get('tokens_per_large_forward', 1.0):.2f} | "
                      f"{r.get('small_forwards_per_token', 1.0):.2f} |")
-    lines += ["", "| batch | plain tok/s | large forward ms, 1 / 3 / 5 / 9 tokens per row | small step ms (both branches) |",
-              "|---|---|---|---|"]
+    lines += ["", "| batch | plain tok/s | large forward ms, 1 / 3 / 5 / 9 tokens per row | "
+              "small step ms (both branches) |", "|---|---|---|---|"]
     for r in rows:
         if r["mode"] == "steered":
             lines.append(f"| {r['batch']} | {r['plain_tok_s']:.2f} | " + " / ".join(
@@ -194,6 +218,7 @@ def main(argv=None):
     ap.add_argument("--ks", nargs="+", default=["2", "4", "8", "adaptive"])
     ap.add_argument("--max-k", type=int, default=8, help="the most drafts per round with k=adaptive")
     ap.add_argument("--proposals", nargs="+", default=["with_context", "proxy"])
+    ap.add_argument("--repeats", type=int, default=2, help="interleaved runs of every mode (median)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--quick", action="store_true", help="tiny models, batch 1 and 2, 8 tokens (a smoke run)")
     ap.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
@@ -201,13 +226,13 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.quick:
         args.large = args.small = "tiny"
-        args.batch_sizes, args.new_tokens = [1, 2], 8
+        args.batch_sizes, args.new_tokens, args.repeats = [1, 2], 8, 1
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
     large, tok, small = load_pair(args.large, args.small, args.dtype)
     large.generate(**inputs_for(tok, 1), max_new_tokens=2)  # first-call costs out of the timings
     configs = [(k if k == "adaptive" else int(k), p) for k in args.ks for p in args.proposals]
-    rows = bench(large, tok, small, args.batch_sizes, args.new_tokens, configs, args.max_k)
+    rows = bench(large, tok, small, args.batch_sizes, args.new_tokens, configs, args.max_k, args.repeats)
     md = table(rows)
     print(md)
     command = ["python", "benchmarks/bench_speculative.py", *(argv if argv is not None else sys.argv[1:])]
