@@ -120,6 +120,18 @@ def forward_costs(large, runner, inputs, contexts, widths=(1, 3, 5, 9), repeats=
     return out
 
 
+@torch.inference_mode()
+def steered_margins(large, runner, inputs, contexts, cfg, gen) -> list[list[float]]:
+    """Per generated position and row: top-1 minus top-2 of the steered scores of non-speculative CoSteer
+    (nats; a small margin is a near tie, where bf16 rounding can flip the greedy choice). Run apart from
+    the timed runs (keeping every step's scores costs memory and time)."""
+    proc = CoSteerLogitsProcessor(runner, contexts, cfg)
+    out = large.generate(**inputs, logits_processor=LogitsProcessorList([proc]), output_scores=True,
+                         return_dict_in_generate=True, **gen)
+    proc.release()
+    return [(lambda t: (t[:, 0] - t[:, 1]).tolist())(s.float().topk(2, dim=-1).values) for s in out.scores]
+
+
 def bench(large, tok, small, batch_sizes, n, configs, max_k, repeats=1):
     """Every mode once per repeat, interleaved (a shared machine's noise falls on all of them alike);
     per mode the median wall time and the median CPU time of this process."""
@@ -162,6 +174,9 @@ def bench(large, tok, small, batch_sizes, n, configs, max_k, repeats=1):
                     steered_tok_s=b * n / med["steered"], load_average=os.getloadavg())
         base.update(forward_costs(large, runner, inputs, contexts))
         steered = outputs["steered"]
+        margins = steered_margins(large, runner, inputs, contexts, cfg, gen) if any(
+            first_difference(outputs[m].sequences[:, start:], steered[:, start:]) is not None
+            for m in modes if m.startswith("spec")) else None
         for mode in modes:
             if mode == "plain":
                 continue
@@ -173,6 +188,8 @@ def bench(large, tok, small, batch_sizes, n, configs, max_k, repeats=1):
             else:
                 s = outputs[mode].stats.summary()
                 diff = first_difference(outputs[mode].sequences[:, start:], steered[:, start:])
+                if isinstance(diff, list) and margins is not None:
+                    row["margin_at_difference"] = float(margins[diff[1]][diff[0]])
                 row.update(same_as_steered=diff is None, first_difference=diff, acceptance=s["acceptance"],
                            tokens_per_large_forward=s["tokens_per_forward"], rounds=s["rounds"],
                            small_forwards_per_token=s["small_forwards"] * b / max(1, s["tokens"]))
@@ -186,6 +203,8 @@ def table(rows):
              "acceptance | tokens / large forward | small forwards / token |", "|---" * 10 + "|"]
     for r in rows:
         same = "yes" if r["same_as_steered"] else f"no (row, pos {r.get('first_difference')})"
+        if "margin_at_difference" in r:
+            same += f", margin {r['margin_at_difference']:.3f}"
         lines.append(f"| {r['batch']} | {r['mode']} | {r['tok_s']:.2f} | {r['vs_plain']:.2f}x | "
                      f"{r['vs_steered']:.2f}x | {r['cpu_vs_plain']:.2f}x | {same} | "
                      f"{r.get('acceptance', float('nan')):.2f} | "

@@ -459,3 +459,34 @@ def test_the_benchmark_runs_in_quick_mode(tmp_path):
                                                        ("steered", "spec k=2 proxy", "spec k=adaptive proxy")]
     assert all(r["same_as_steered"] and r["tok_s"] > 0 for r in rows)
     assert result["meta"]["cpu_capability"] and (tmp_path / "bench_speculative_tiny_quick.md").is_file()
+
+
+def test_the_benchmark_margins_are_the_steered_top2_gaps():
+    """``steered_margins``: per position and row, top-1 minus top-2 of non-speculative CoSteer's scores."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_speculative.py"
+    loader = importlib.util.spec_from_file_location("bench_speculative_margins", path)
+    module = importlib.util.module_from_spec(loader)
+    sys.modules["bench_speculative_margins"] = module
+    loader.loader.exec_module(module)
+    tok = build_tiny_tokenizer()
+    large, small = build_tiny_model(tok, hidden_size=96, seed=1), build_tiny_model(tok, seed=2)
+    runner = SmallModelRunner(small, tok)
+    inputs = module.inputs_for(tok, 2)
+    contexts = ["I am vegan.", "I love mountains."]
+    gen = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    margins = module.steered_margins(large, runner, inputs, contexts, CoSteerConfig(), gen)
+    proc = CoSteerLogitsProcessor(runner, contexts)
+    out = large.generate(**inputs, logits_processor=LogitsProcessorList([proc]), output_scores=True,
+                         return_dict_in_generate=True, **gen)
+    proc.release()
+    assert len(margins) == 5 and all(len(m) == 2 for m in margins)
+    for pos, scores in enumerate(out.scores):
+        top = scores.float().topk(2, dim=-1).values
+        assert margins[pos] == pytest.approx((top[:, 0] - top[:, 1]).tolist())
+        assert all(m >= 0 for m in margins[pos])
+    assert len(runner) == 0
