@@ -50,7 +50,7 @@ from typing import Hashable, Iterator, Optional, Sequence
 
 import torch
 
-from .core import NEG_INF, Variants, force_eos, steer, top_probability
+from .core import NEG_INF, Variants, check_ngram, force_eos, steer, top_probability
 from .core import ngram, style
 from .prompts import PromptBridge
 from .small_model import SmallModelRunner
@@ -174,14 +174,17 @@ class Steerer:
             ``end_token_id`` is given).
         vocab_map: a :class:`~costeer_processor.VocabularyMap` when the two tokenizers differ.
         threads: torch threads for the small model's step (vLLM's CPU worker runs with 1).
+        ngram_default: the context n-gram guard's ``n`` for requests whose ``variants.ngram_guard`` is
+            ``None`` (0 = off; split mode passes :data:`~costeer_processor.core.SPLIT_NGRAM_GUARD`).
     """
 
     def __init__(self, runner: SmallModelRunner, large_tokenizer, eos_token_ids: Sequence[int], *,
                  vocab_map: Optional[VocabularyMap] = None, end_token_id: Optional[int] = None,
-                 threads: Optional[int] = None):
+                 threads: Optional[int] = None, ngram_default: int = 0):
         if not isinstance(runner, SmallModelRunner):
             raise TypeError(f"runner must be a SmallModelRunner, got {type(runner).__name__}")
         self.runner, self.large_tokenizer, self.vocab_map, self.threads = runner, large_tokenizer, vocab_map, threads
+        self.ngram_default = check_ngram("ngram_default", ngram_default)
         self.bridge = PromptBridge(large_tokenizer, runner.splicer, translate=vocab_map is not None)
         self.eos_token_ids = sorted({int(t) for t in eos_token_ids if t is not None})
         if end_token_id is None:
@@ -206,6 +209,7 @@ class Steerer:
         the without-context branch reads :func:`~costeer_processor.core.style.placebo_context`.
         Raises ``ValueError`` (empty or over-long context, ...) before anything is admitted.
         """
+        variants = variants.with_ngram_default(self.ngram_default)
         if branches is None or variants.placebo:
             text = self.bridge(list(prompt_ids))
             with_ids, without_ids = branches or self.runner.branch_ids_from_text(text, context)

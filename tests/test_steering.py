@@ -240,3 +240,29 @@ def test_each_option_changes_the_step_and_off_is_identical(small_model, tokenize
     assert torch.equal(out["plain"], out["off"])
     assert not torch.equal(out["plain"], out["styled"])
     assert not torch.isnan(out["styled"]).any()
+
+
+def test_the_ngram_guard_default_is_the_modes(small_model, tokenizer):
+    """``Variants().ngram_guard`` is ``None``: the steerer's default applies (split mode: on); an explicit
+    ``0`` switches the guard off there, an explicit ``n`` wins everywhere."""
+    from costeer_processor.core import SPLIT_NGRAM_GUARD
+
+    assert Variants().ngram_guard is None and not Variants().steers_style
+    assert Variants().with_ngram_default(4).ngram_guard == 4
+    assert Variants(ngram_guard=0).with_ngram_default(4).ngram_guard == 0
+    assert Variants(ngram_guard=6).with_ngram_default(4).ngram_guard == 6
+    ids = prompt_ids(tokenizer, USERS[0])
+    for default, variants, want in [(0, Variants(), 0), (SPLIT_NGRAM_GUARD, Variants(), SPLIT_NGRAM_GUARD),
+                                    (SPLIT_NGRAM_GUARD, Variants(gate_threshold=0.1), SPLIT_NGRAM_GUARD),
+                                    (SPLIT_NGRAM_GUARD, Variants(ngram_guard=0), 0), (0, Variants(ngram_guard=5), 5)]:
+        steerer = Steerer(SmallModelRunner(small_model, tokenizer), tokenizer, [tokenizer.eos_token_id],
+                          ngram_default=default)
+        request = steerer.request(ids, CONTEXTS[0], gain=1.5, variants=variants)
+        assert request.variants.ngram_guard == want
+        assert bool(request.context_ids) == (want > 0)
+        slot = steerer.admit(request)
+        assert int(steerer.slots.ngram[slot]) == want
+        steerer.release(slot)
+    for bad in (-1, 65, 2.5, True):
+        with pytest.raises((ValueError, TypeError), match="ngram_default"):
+            Steerer(SmallModelRunner(small_model, tokenizer), tokenizer, [1], ngram_default=bad)

@@ -763,3 +763,22 @@ def test_v1_options_of_the_steering_step_equal_hf(v1_parts, tiny_pair_dirs, extr
     want = out[0, enc["input_ids"].shape[1]:].tolist()
     got = r["out"][:len(want)]  # HF stops at EOS; the driver keeps stepping
     assert got == want
+
+
+def test_speculative_decoding_with_the_processor_is_refused_at_start(tiny_pair_dirs, monkeypatch):
+    """vLLM 0.32's V1 runner (the CPU build's only one) refuses custom logits processors under speculative
+    decoding when the engine starts: a clear error naming it, never an engine that serves unsteered
+    answers (docs/speculative.md#vllm). CoSteer's own check (test_vllm_v2) covers V2."""
+    from vllm import LLM
+
+    from costeer_processor.vllm import CoSteerLogitsProcessor
+
+    for k, v in ENGINE_ENV.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the error itself, not "engine core failed"
+    large, small = tiny_pair_dirs
+    with pytest.raises(ValueError, match="speculative decoding"):
+        LLM(model=str(large), dtype="float32", max_model_len=256, enforce_eager=True, seed=0,
+            speculative_config={"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3,
+                                "prompt_lookup_min": 1},
+            logits_processors=[CoSteerLogitsProcessor], additional_config={"costeer": {"small_model": str(small)}})

@@ -40,11 +40,16 @@ __all__ = [
     "check_gain",
     "gain_from_hyperparameters",
     "check_variants",
+    "check_ngram",
+    "SPLIT_NGRAM_GUARD",
 ]
 
 PLAUSIBILITY_MODES = ("mask", "large")
 OPTION_FIELDS = ("plausibility", "plausibility_mode", "delta_clip", "placebo", "ngram_guard")
 MAX_NGRAM = 64
+# The context n-gram guard's n where every generated token reaches a server (split mode, `costeer proxy`):
+# chosen on the persona development set (docs/eval.md#the-context-n-gram-guard).
+SPLIT_NGRAM_GUARD = 4
 MAX_GAIN = 1000.0  # |g| above this turns rows into one-hot noise (and overflows in bf16)
 MAX_T = 100_000
 
@@ -203,7 +208,9 @@ class Variants:
             instead of none, so the delta no longer carries "a context is present".
         ngram_guard: ``n >= 1``: a token that would complete a run of ``n`` consecutive tokens of
             the private context absent from the public prompt is not chosen
-            (:class:`~costeer_processor.core.ngram.NgramGuard`); ``0`` (default) = off.
+            (:class:`~costeer_processor.core.ngram.NgramGuard`); ``0`` = off; ``None`` (default) = the
+            mode's default: :data:`SPLIT_NGRAM_GUARD` in split mode and ``costeer proxy`` (where every
+            generated token goes to the server), off in the in-process HF and vLLM processors.
 
     :meth:`parse` is the lenient form for settings that come as JSON or flags, where ``0`` also
     means "off".
@@ -216,7 +223,7 @@ class Variants:
     plausibility_mode: str = "mask"
     delta_clip: Optional[float] = None
     placebo: bool = False
-    ngram_guard: int = 0
+    ngram_guard: Optional[int] = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -235,14 +242,18 @@ class Variants:
             check_range("delta_clip", self.delta_clip, 0.0, None, low_open=True)
         if not isinstance(self.placebo, bool):
             raise ValueError(f"placebo must be True or False, got {type(self.placebo).__name__} {self.placebo!r}")
-        set_(self, "ngram_guard", number("ngram_guard", self.ngram_guard, integer=True, strict=True))
-        check_range("ngram_guard", self.ngram_guard, 0, MAX_NGRAM, hint=" (0 switches it off)")
+        if self.ngram_guard is not None:
+            set_(self, "ngram_guard", check_ngram("ngram_guard", self.ngram_guard))
 
     @property
     def steers_style(self) -> bool:
         """Whether any option beyond the plain update is on (plausibility, clipping, placebo, guard)."""
         return (self.plausibility is not None or self.delta_clip is not None or self.placebo
-                or self.ngram_guard > 0)
+                or bool(self.ngram_guard))
+
+    def with_ngram_default(self, n: int) -> "Variants":
+        """``ngram_guard`` resolved: ``n`` (a mode's default) when it is ``None``, else unchanged."""
+        return self if self.ngram_guard is not None else replace(self, ngram_guard=check_ngram("ngram_guard", n))
 
     def replace(self, **changes) -> "Variants":
         """A copy with some fields changed (validated again)."""
@@ -285,6 +296,13 @@ class Variants:
             patience = number(prefix + "gate_patience", gate_patience, integer=True)
             check_range(prefix + "gate_patience", patience, 1)
         return replace(base, gate_threshold=gate, gate_patience=int(patience), eos_guard=guard)
+
+
+def check_ngram(name: str, n: Any) -> int:
+    """A context n-gram guard's ``n``: an integer in ``[0, MAX_NGRAM]`` (0 = off)."""
+    n = number(name, n, integer=True, strict=True)
+    check_range(name, n, 0, MAX_NGRAM, hint=" (0 switches it off)")
+    return int(n)
 
 
 def check_variants(gate_threshold: Optional[float], gate_patience: int, eos_guard: Optional[float]) -> Variants:
