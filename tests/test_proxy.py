@@ -321,6 +321,24 @@ def test_requests_with_different_settings_share_rounds_and_equal_the_client(fake
         assert stats["requests"]["finished"] == len(cases) and stats["escalations"] > 0
 
 
+def test_the_ngram_guard_is_on_by_default_and_a_request_may_switch_it_off(fake, runner):
+    """Every generated token reaches the upstream: the context n-gram guard (n = SPLIT_NGRAM_GUARD) is on
+    unless a request sends costeer_ngram_guard 0 (or another n); each equals the split client with that setting."""
+    from costeer_processor.core import SPLIT_NGRAM_GUARD
+
+    with proxy_for(fake.url, runner) as proxy:
+        assert proxy.stats()["ngram_guard"] == {"default_n": SPLIT_NGRAM_GUARD, "by_n": {}}
+        guarded = ids_of(chat(proxy, PROMPTS[0], SECRET))
+        by_n = proxy.stats()["ngram_guard"]["by_n"]  # a guard of that n exists once a request was admitted with it
+        assert list(by_n) == [str(SPLIT_NGRAM_GUARD)] and by_n[str(SPLIT_NGRAM_GUARD)]["slots"] == 0  # released
+        off = ids_of(chat(proxy, PROMPTS[0], SECRET, extra_body={"costeer_ngram_guard": 0}))
+        six = ids_of(chat(proxy, PROMPTS[0], SECRET, extra_body={"costeer_ngram_guard": 6}))
+        assert set(proxy.stats()["ngram_guard"]["by_n"]) == {str(SPLIT_NGRAM_GUARD), "6"}
+    assert guarded == reference(fake.url, runner, PROMPTS[0], SECRET).token_ids
+    assert off == reference(fake.url, runner, PROMPTS[0], SECRET, variants=Variants(ngram_guard=0)).token_ids
+    assert six == reference(fake.url, runner, PROMPTS[0], SECRET, variants=Variants(ngram_guard=6)).token_ids
+
+
 def test_profiles_are_read_fresh_and_never_served_back(fake, runner, profiles):
     with proxy_for(fake.url, runner, profiles=profiles, default_profile="bob") as proxy:
         assert ids_of(chat(proxy, PROMPTS[0])) == reference(fake.url, runner, PROMPTS[0], CONTEXTS[1]).token_ids

@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..core.config import CoSteerConfig, Variants
+from ..core.config import MAX_NGRAM, SPLIT_NGRAM_GUARD, CoSteerConfig, Variants
 from ..loading import DTYPES
 from .common import PROG, UsageError
 from .parser import config_field, numeric, variant_field
@@ -75,6 +75,9 @@ def add_parser(sub) -> None:
         g.add_argument(f"--{name}", type=config_field(name), default=getattr(CoSteerConfig, name))
     for name in ("gate_threshold", "gate_patience", "eos_guard"):
         g.add_argument("--" + name.replace("_", "-"), type=variant_field(name), default=getattr(Variants, name))
+    g.add_argument("--ngram-guard", type=numeric(integer=True, low=0, high=MAX_NGRAM), default=None,
+                   help=f"the context n-gram guard's n: no run of n context tokens absent from the prompt is "
+                        f"generated (default {SPLIT_NGRAM_GUARD}; 0 = off; a request may set costeer_ngram_guard)")
 
 
 def run(args) -> int:
@@ -88,7 +91,7 @@ def run(args) -> int:
         profiles = ProfileStore(args.profiles, args.default_profile)
         config = CoSteerConfig(args.T, args.alpha, args.beta, args.lam, args.eta, args.strength)
         config.served_gain("the CoSteer flags")
-        variants = Variants.parse(args.gate_threshold, args.gate_patience, args.eos_guard)
+        variants = Variants.parse(args.gate_threshold, args.gate_patience, args.eos_guard, ngram_guard=args.ngram_guard)
     except ValueError as e:
         raise UsageError(str(e)) from None
     from ..loading import load_model, load_tokenizer

@@ -23,7 +23,7 @@ from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
-from ..core import Variants
+from ..core import SPLIT_NGRAM_GUARD, Variants
 from ..core.sampling import GREEDY, Sampling
 from ..split.certify import Certifier
 from ..split.decode import Decoder, _Seq
@@ -86,7 +86,8 @@ class ProxyDecoder(Decoder):
 
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
-        self.steerer = CapturingSteerer(self.runner, self.tokenizer, self.eos_token_ids, vocab_map=self.vocab_map)
+        self.steerer = CapturingSteerer(self.runner, self.tokenizer, self.eos_token_ids, vocab_map=self.vocab_map,
+                                        ngram_default=SPLIT_NGRAM_GUARD)
         self._base_certifier = self.certifier
         self._certifiers: dict[float, Certifier] = {}
 

@@ -148,4 +148,6 @@ class ProxyService:
                             "cached_rows": runner["cached_rows"], "forwards": runner["forwards"],
                             "batched_steps": self.decoder.steerer.small_steps},
             "upstream": {"url": server.base_url, "model": server.model, "max_model_len": server.max_model_len},
+            "ngram_guard": {"default_n": self.decoder.steerer.ngram_default,
+                            "by_n": {str(n): g for n, g in self.decoder.steerer.stats()["guard"].items()}},
         }
