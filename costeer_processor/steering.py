@@ -92,7 +92,8 @@ class SteerRequest:
         gain: the closed-form gain ``g`` of the update.
         variants: gating, the EOS guard, the style options and the n-gram guard.
         salt: keys the runner's context cache (requests with other salts never share entries).
-        context_ids / public_ids: the context and the public prompt in the LARGE model's ids
+        context_ids / public_ids: the context (its surface forms, :func:`~costeer_processor.core.ngram.surface_forms`)
+            and the public prompt in the LARGE model's ids
             (read by the n-gram guard only).
     """
 
@@ -216,9 +217,10 @@ class Steerer:
             if variants.placebo:
                 without_ids = self.runner.branch_ids_from_text(text, style.placebo_context(context))[0]
             branches = (with_ids, without_ids)
-        context_ids: Sequence[int] = ()
-        if variants.ngram_guard:
-            context_ids = self.large_tokenizer(context, add_special_tokens=False)["input_ids"]
+        context_ids: Sequence[Sequence[int]] = ()
+        if variants.ngram_guard:  # the context's surface forms, in the large model's ids (one batched call)
+            context_ids = self.large_tokenizer(ngram.surface_forms(context, variants.ngram_guard),
+                                               add_special_tokens=False)["input_ids"]
         return SteerRequest(branches, float(gain), variants, salt, context_ids, list(prompt_ids))
 
     def admit(self, request: SteerRequest) -> int:

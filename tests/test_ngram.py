@@ -248,6 +248,32 @@ def test_zero_is_off_and_arguments_are_checked():
     with pytest.raises(ValueError, match="tails"):
         guard.banned(torch.tensor([0]), torch.zeros(1, 2, dtype=torch.long))
     with pytest.raises(ValueError, match="flat"):
-        guard.add(0, [[1, 2]], [])
+        guard.add(0, [[[1, 2]]], [])  # one level of nesting is several sequences; two is an error
+    with pytest.raises(ValueError, match="flat"):
+        guard.add(0, [1, 2], [[1]])
     guard.add(0, torch.tensor([1]), torch.tensor([], dtype=torch.long))  # shorter than n: nothing to ban
     assert guard.banned(torch.tensor([0]), torch.tensor([[1]]))[0].numel() == 0
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5])
+def test_several_context_sequences_ban_each_ones_ngrams_never_across_them(n):
+    rng = random.Random(10 + n)
+    seqs = [[rng.randrange(12) for _ in range(rng.randrange(0, 15))] for _ in range(4)]
+    public = [rng.randrange(12) for _ in range(10)]
+    guard = NgramGuard(n)
+    guard.add(0, seqs, public)
+    for _ in range(200):
+        tail = [rng.randrange(-1, 12) for _ in range(n - 1)]
+        want = set().union(*(ref_banned(n, s, public, tail) for s in seqs))
+        _, ids = guard.banned(torch.tensor([0]), torch.tensor([tail], dtype=torch.long).reshape(1, n - 1))
+        assert set(ids.tolist()) == want  # the union of each sequence's bans: nothing across two of them
+
+
+def test_surface_forms_cover_a_copy_that_starts_a_sentence():
+    forms = ngram.surface_forms("I'm a paramedic on night shifts. I read answers", 4)
+    assert forms[0] == "I'm a paramedic on night shifts. I read answers"
+    assert "Paramedic on night shifts." in forms and " Paramedic on night shifts." in forms
+    assert "Night shifts. I read" in forms and " Night shifts. I read" in forms
+    assert " i'm a paramedic on" in forms  # a capitalised word: the lower-case form after a space
+    assert all(len(f.split()) <= 4 for f in forms[1:])
+    assert ngram.surface_forms("", 4) == [""]

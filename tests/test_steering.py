@@ -175,7 +175,8 @@ def _copier(steerer, bonus=20.0):
         for i, (key, history) in enumerate(batch):
             if key not in slot_of:
                 slot_of[key] = next(s for s in range(steerer.slots.cap) if steerer.slots.keys[s] == key)
-            context = list(steerer.request_of(slot_of[key]).context_ids)
+            ids = steerer.request_of(slot_of[key]).context_ids  # the guard's surface forms: the first is the context
+            context = list(ids[0]) if ids and isinstance(ids[0], (list, tuple)) else list(ids)
             nxt = context[0]
             for n in range(min(len(history), len(context) - 1), 0, -1):
                 tail = list(history[-n:])

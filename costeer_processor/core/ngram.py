@@ -31,7 +31,7 @@ import torch
 
 from .config import check_range, number
 
-__all__ = ["NgramGuard"]
+__all__ = ["NgramGuard", "surface_forms"]
 
 _M1, _M2 = 2_147_483_647, 2_147_483_629  # primes < 2**31: every product fits in int64
 _P1, _P2 = 1_000_003, 972_663_749
@@ -60,6 +60,26 @@ def _expand(starts: torch.Tensor, lens: torch.Tensor):
     owner = torch.repeat_interleave(torch.arange(len(lens), device=lens.device), lens, output_size=total)
     first = torch.cumsum(lens, 0) - lens
     return owner, starts[owner] + torch.arange(total, device=lens.device) - first[owner]
+
+
+def surface_forms(context: str, n: int) -> list[str]:
+    """The context as written, plus every run of ``n`` of its words as it would start a sentence or
+    follow a space in the other case: ``"Paramedic on night shifts"`` and ``" Paramedic on night shifts"``
+    from "I'm a paramedic on night shifts". A tokenizer spells a word differently after a space, at a
+    line's start or capitalised, so the context's own ids alone let "Night shifts. I read" through at
+    the start of an answer. ``O(words * n)`` text; the n-grams never span two forms.
+
+    >>> surface_forms("I read on night shifts", 3)[:5]
+    ['I read on night shifts', 'I read on', ' i read on', 'Read on night', ' Read on night']
+    """
+    words = context.split()
+    forms = [context]
+    for i, first in enumerate(words):
+        tail = "".join(" " + w for w in words[i + 1:i + n])
+        upper, lower = first[:1].upper() + first[1:], first[:1].lower() + first[1:]
+        forms.append(upper + tail)  # a line's or an answer's first word
+        forms.append(" " + (upper if first != upper else lower) + tail)  # the other case after a space
+    return forms
 
 
 def _lex_groups(rows: torch.Tensor):
@@ -107,19 +127,26 @@ class NgramGuard:
     def __len__(self) -> int:
         return len(self._slots)
 
-    def add(self, slot: int, context_ids: Sequence[int], public_ids: Sequence[int]) -> None:
+    def add(self, slot: int, context_ids: Sequence[int] | Sequence[Sequence[int]], public_ids: Sequence[int]) -> None:
         """Registers (or replaces) ``slot``: bans every n-gram of ``context_ids`` absent from
-        ``public_ids`` (one sequence: the prompt plus what the user typed). Resets its counters."""
+        ``public_ids`` (one sequence: the prompt plus what the user typed). Resets its counters.
+
+        ``context_ids`` is one sequence, or several (the context's surface forms, see
+        :func:`surface_forms`): the n-grams of each, never across two."""
         slot = number("slot", slot, integer=True, strict=True)
         check_range("slot", slot, 0)
         if self.n == 0:
             return
         n, m, dev = self.n, self.n - 1, self.device
-        ctx, pub = (torch.as_tensor(x if isinstance(x, torch.Tensor) else list(x), dtype=torch.long, device=dev)
-                    for x in (context_ids, public_ids))
-        if ctx.dim() != 1 or pub.dim() != 1 or bool((ctx < 0).any()):
+        several = not isinstance(context_ids, torch.Tensor) and len(context_ids) > 0 and all(
+            isinstance(x, (list, tuple, torch.Tensor)) for x in context_ids)
+        seqs = [torch.as_tensor(x if isinstance(x, torch.Tensor) else list(x), dtype=torch.long, device=dev)
+                for x in (context_ids if several else [context_ids])]
+        pub = torch.as_tensor(public_ids if isinstance(public_ids, torch.Tensor) else list(public_ids),
+                              dtype=torch.long, device=dev)
+        if pub.dim() != 1 or any(c.dim() != 1 or bool((c < 0).any()) for c in seqs):
             raise ValueError("context_ids and public_ids must be flat sequences of token ids (context ids >= 0)")
-        grams = ctx.unfold(0, n, 1) if len(ctx) >= n else ctx.new_zeros(0, n)
+        grams = torch.cat([c.unfold(0, n, 1) for c in seqs if len(c) >= n] or [pub.new_zeros(0, n)])
         if len(pub) >= n and len(grams):
             both = torch.cat([grams, pub.unfold(0, n, 1)])
             order, group, _ = _lex_groups(both)
